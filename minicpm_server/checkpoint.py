@@ -1,0 +1,334 @@
+"""Turn a MiniCPM-2B checkpoint directory into a transformers model and tokenizer.
+
+No transformers release has a MiniCPM class, and the download's remote code no longer runs on
+current transformers (and would run code shipped with a download). MiniCPM's forward pass is
+exactly transformers' Granite architecture with four scalars set from MiniCPM's config
+(DESIGN.md section 2), so we build `GraniteForCausalLM` from our own config object and let
+`from_pretrained` read the weights. Passing the config explicitly means config.json's
+`auto_map` is never consulted, and we never pass `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("minicpm_server")
+
+DEFAULT_DOWNLOAD_HINT = (
+    "run `python download.py` first: it downloads OpenBMB/MiniCPM-2B-sft-fp32 from ModelScope into "
+    "/root/autodl-tmp/OpenBMB/MiniCPM-2B-sft-fp32, the default --model-path (or try `python api.py --demo`)"
+)
+_REQUIRED_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "scale_emb",
+    "dim_model_base",
+    "scale_depth",
+)
+
+
+class StartupError(Exception):
+    """A problem that stops the server from starting; its message is one line for the user."""
+
+
+class CheckpointError(StartupError):
+    """The model directory is missing, is not MiniCPM-2B, or is incomplete or unreadable."""
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    path: Path
+    config: dict[str, Any]
+    weight_files: tuple[Path, ...]
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Any
+    tokenizer: Any
+    files: CheckpointFiles
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str
+    load_seconds: float
+
+    @property
+    def context_window(self) -> int:
+        return int(self.files.config.get("max_position_embeddings", 4096))
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.files.config.get("eos_token_id", 2))
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointFiles:
+    """Cheap checks that the directory holds a complete MiniCPM-2B checkpoint; no weights are read."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CheckpointError(f"model path {root} does not exist; {DEFAULT_DOWNLOAD_HINT}")
+    if not root.is_dir():
+        raise CheckpointError(f"model path {root} is a file; pass the checkpoint directory that holds config.json")
+    config = _read_config(root)
+    check_minicpm_family(config, root)
+    weights = _find_weight_files(root)
+    if not any((root / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(
+            f"no tokenizer in {root}: expected tokenizer.json or tokenizer.model (incomplete download?)"
+        )
+    _check_weight_names(root, config, _read_weight_names(weights))
+    return CheckpointFiles(root, config, weights)
+
+
+def _read_weight_names(files: tuple[Path, ...]) -> set[str]:
+    """Tensor names from each file's header only: a memory-mapped torch.load reads the zip
+    directory and the pickle, not the data, so even the 10.9 GB file is checked in moments."""
+    names: set[str] = set()
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt") as handle:
+                    names.update(handle.keys())
+            else:
+                names.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True).keys())
+        except Exception as exc:  # truncated zips, bad headers and unpicklable content raise many types
+            raise CheckpointError(
+                f"cannot read the weights in {file}: {_one_line(exc)} (incomplete download?)"
+            ) from None
+    return names
+
+
+def expected_weight_names(config: dict[str, Any]) -> set[str]:
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    per_layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"] + [
+        f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")
+    ]
+    per_layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    for n in range(int(config["num_hidden_layers"])):
+        names.update(f"model.layers.{n}.{suffix}" for suffix in per_layer)
+    if not config.get("tie_word_embeddings", True):
+        names.add("lm_head.weight")
+    return names
+
+
+def _check_weight_names(root: Path, config: dict[str, Any], found: set[str]) -> None:
+    missing = sorted(expected_weight_names(config) - found)
+    if missing:
+        shown = ", ".join(missing[:3])
+        raise CheckpointError(f"the weights in {root} are incomplete: {len(missing)} tensors missing ({shown}, ...)")
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    file = root / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{root} has no config.json, so it is not a model checkpoint; {DEFAULT_DOWNLOAD_HINT}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    return config
+
+
+def check_minicpm_family(config: dict[str, Any], root: Path | str = "the checkpoint") -> None:
+    """Refuse anything whose math differs from MiniCPM-2B's, naming what was found."""
+    model_type = config.get("model_type")
+    found = f"model_type {model_type!r}, architectures {config.get('architectures')}"
+    if model_type != "minicpm":
+        raise CheckpointError(
+            f"{root} is not a MiniCPM-2B-family checkpoint ({found}); this server runs MiniCPM-2B "
+            "(model_type 'minicpm'), not MiniCPM3, MiniCPM-V, Llama or others"
+        )
+    if config.get("num_experts"):
+        raise CheckpointError(
+            f"{root} is a mixture-of-experts MiniCPM ({config['num_experts']} experts): not supported"
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{root} uses hidden_act {config['hidden_act']!r}; only MiniCPM-2B's 'silu' is supported")
+    if config.get("rope_scaling"):
+        raise CheckpointError(
+            f"{root} uses rope_scaling {config['rope_scaling']}; only MiniCPM-2B's plain RoPE is supported"
+        )
+    missing = [name for name in _REQUIRED_FIELDS if name not in config]
+    if missing:
+        raise CheckpointError(f"{root}/config.json lacks {', '.join(missing)} ({found}); not a MiniCPM-2B config")
+
+
+def _find_weight_files(root: Path) -> tuple[Path, ...]:
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = root / index_name
+        if index.is_file():
+            return _shards_from_index(index)
+        if (root / single_name).is_file():
+            return (root / single_name,)
+    others = sorted(root.glob("*.safetensors")) or sorted(root.glob("*.bin"))
+    if others:
+        names = ", ".join(p.name for p in others)
+        raise CheckpointError(f"{root} has weight files ({names}) but no index that says how they fit together")
+    raise CheckpointError(
+        f"no weights in {root}: expected pytorch_model.bin or model.safetensors (or sharded files with an index); "
+        "the download may be incomplete"
+    )
+
+
+def _shards_from_index(index: Path) -> tuple[Path, ...]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read weight index {index}: {exc!r}") from None
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise CheckpointError(f"weight shards listed in {index.name} are missing: {', '.join(missing)}")
+    return tuple(index.parent / n for n in names)
+
+
+# --------------------------------------------------------------------------- config mapping
+
+
+def granite_config(config: dict[str, Any]) -> Any:
+    """MiniCPM config -> the GraniteConfig with the same forward pass (DESIGN.md section 2)."""
+    from transformers import GraniteConfig
+
+    hidden = int(config["hidden_size"])
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    return GraniteConfig(
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(config["intermediate_size"]),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+        hidden_act="silu",
+        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))},
+        bos_token_id=config.get("bos_token_id", 1),
+        eos_token_id=config.get("eos_token_id", 2),
+        pad_token_id=0,
+        # MiniCPM stores no lm_head: absent from config.json, tie_word_embeddings defaults to true.
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        embedding_multiplier=float(config["scale_emb"]),
+        residual_multiplier=float(config["scale_depth"]) / math.sqrt(layers),
+        logits_scaling=hidden / float(config["dim_model_base"]),
+        attention_multiplier=1.0 / math.sqrt(hidden / heads),
+        attention_bias=False,
+        mlp_bias=False,
+        architectures=["GraniteForCausalLM"],
+    )
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StartupError(
+            f"--device cuda was asked for but no CUDA GPU is usable (torch {torch.__version__}); "
+            "check nvidia-smi, or use --device cpu"
+        )
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[choice]
+
+
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """flash-attn on CUDA when it is installed and the dtype allows it, PyTorch SDPA otherwise."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(files: CheckpointFiles) -> Any:
+    """The tokenizer, by concrete class: never AutoTokenizer, which may ask on stdin to run code.
+
+    tokenizer.json is loaded as shipped (the exact pipeline model.chat used); a checkpoint with
+    only tokenizer.model is converted from sentencepiece by LlamaTokenizer.
+    """
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    cls = PreTrainedTokenizerFast if (files.path / "tokenizer.json").is_file() else LlamaTokenizer
+    try:
+        tokenizer = cls.from_pretrained(str(files.path), local_files_only=True)
+    except Exception as exc:  # the library raises many types for a corrupt file
+        raise CheckpointError(f"cannot load the tokenizer from {files.path}: {_one_line(exc)}") from None
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise CheckpointError(f"the tokenizer in {files.path} has no BOS/EOS tokens; not a MiniCPM tokenizer")
+    return tokenizer
+
+
+def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
+    from transformers import GraniteForCausalLM
+
+    try:
+        model, info = GraniteForCausalLM.from_pretrained(
+            str(files.path),
+            config=granite_config(files.config),
+            dtype=dtype,
+            device_map=str(device),
+            attn_implementation=attn,
+            local_files_only=True,
+            output_loading_info=True,
+        )
+    except Exception as exc:  # corrupt pickles and truncated files surface as many exception types
+        raise CheckpointError(f"cannot read the weights in {files.path}: {_one_line(exc)}") from None
+    # from_pretrained fills missing weights with random values; for serving that is never right.
+    missing = [
+        k for k in info.get("missing_keys", ()) if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
+    ]
+    if missing:
+        shown = ", ".join(sorted(missing)[:4])
+        raise CheckpointError(
+            f"the weights in {files.path} are incomplete: {len(missing)} tensors missing ({shown}, ...)"
+        )
+    model.eval()
+    return model
+
+
+def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedCheckpoint:
+    start = time.perf_counter()
+    files = inspect_checkpoint(path)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    attn = attention_implementation(torch_device, torch_dtype)
+    tokenizer = load_tokenizer(files)
+    model = load_model(files, torch_device, torch_dtype, attn)
+    seconds = time.perf_counter() - start
+    log.info("loaded %s on %s as %s (%s attention) in %.1f s", files.path, torch_device, torch_dtype, attn, seconds)
+    return LoadedCheckpoint(model, tokenizer, files, torch_device, torch_dtype, attn, seconds)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:300]

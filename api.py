@@ -1,0 +1,72 @@
+"""Serve MiniCPM-2B over HTTP: `python api.py`, then POST / on port 6006 (see README.md).
+
+`python api.py --help` lists every setting; `python api.py --demo` serves a tiny random-weight
+model on CPU, for trying the server without a GPU or a download.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _demo_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minicpm-server"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minicpm_server.checkpoint import StartupError, inspect_checkpoint, resolve_device
+    from minicpm_server.settings import parse_settings
+
+    log = logging.getLogger("minicpm_server")
+    try:
+        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+        )
+        if settings.demo:
+            from minicpm_server.tiny import cached_tiny_checkpoint
+
+            log.info("demo mode: preparing the tiny random-weight checkpoint in %s", _demo_cache_dir())
+            path = cached_tiny_checkpoint(_demo_cache_dir(), "tiny", seed=0)
+            settings = settings.model_copy(
+                update={"model_path": path, "device": "cpu", "dtype": "float32", "served_model_name": "minicpm-demo"}
+            )
+            log.warning("demo mode: the model has random weights, so its answers are random text")
+        # Refuse what can be known before listening, so these failures are one line and exit 2.
+        resolve_device(settings.device)
+        inspect_checkpoint(settings.model_path)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return _serve(settings)
+
+
+def _serve(settings) -> int:
+    import uvicorn
+
+    from minicpm_server.server import create_app
+
+    fatal: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop_on_fatal(message: str) -> None:
+        fatal.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=stop_on_fatal)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_config=None)
+    server = uvicorn.Server(config)
+    server.run()
+    if fatal:
+        print(f"error: {fatal[0]}", file=sys.stderr)
+        return 2
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Every error the server answers with, mapped to a status code in one place.
+
+Bodies follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, on every route,
+so the openai SDK raises the matching exception class. A 500 never carries a traceback: the
+details go to the server log only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minicpm_server.engine import ContextOverflowError, EngineError, EngineUnavailableError, QueueFullError
+
+log = logging.getLogger("minicpm_server")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    """A failure with a known status; raise it from routes and it becomes the JSON error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; its request was cancelled."""
+
+
+def error_response(error: APIError) -> JSONResponse:
+    body = {
+        "error": {
+            "message": error.message,
+            "type": _TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error"),
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def as_api_error(exc: Exception) -> APIError | None:
+    """The APIError for an engine exception, or None when it is not one we know."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextOverflowError):
+        return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, QueueFullError):
+        return APIError(429, f"server busy: {exc}; retry shortly", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineUnavailableError):
+        return APIError(503, str(exc), code="unavailable", headers={"Retry-After": "5"})
+    if isinstance(exc, EngineError):
+        return APIError(503, str(exc), code="engine_error", headers={"Retry-After": "1"})
+    return None
+
+
+def describe_validation_error(exc: RequestValidationError, request: Request) -> APIError:
+    """One readable sentence naming the first bad field; never echoes the input back."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, "request body is not valid JSON", code="invalid_json")
+    content_type = request.headers.get("content-type", "")
+    if field is None and "json" not in content_type.lower():
+        return APIError(
+            400, "request body must be a JSON object sent with 'Content-Type: application/json'", code="invalid_body"
+        )
+    if kind == "extra_forbidden":
+        return APIError(400, f"unknown field '{field}'", param=field, code="unknown_field")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    where = f"field '{field}'" if field else "request body"
+    return APIError(400, f"{where}: {message}{more}", param=field, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(describe_validation_error(exc, request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "request body could not be parsed: it must be UTF-8 encoded JSON"
+        elif exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+
+    async def _known(request: Request, exc: Exception) -> JSONResponse:
+        known = as_api_error(exc)
+        assert known is not None
+        return error_response(known)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
+        # Nobody reads this answer; 499 ("client closed request") makes the log line say what happened.
+        return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}}, status_code=499)
+
+    for cls in (APIError, ContextOverflowError, QueueFullError, EngineUnavailableError, EngineError):
+        app.add_exception_handler(cls, _known)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, "internal server error; see the server log", code="internal_error"))
+
+
+def error_payload(exc: Exception) -> dict[str, Any]:
+    """The error body for a failure that happens after a stream has started."""
+    known = as_api_error(exc) or APIError(500, "internal server error; see the server log", code="internal_error")
+    return {"message": known.message, "type": _TYPES.get(known.status, "server_error"), "code": known.code}

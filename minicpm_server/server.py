@@ -1,0 +1,235 @@
+"""The FastAPI application: app factory, model lifecycle, routes, auth and the request log.
+
+The model loads on a background thread after the server starts listening, so `/health`
+answers 503 ("loading") until the engine is ready and 200 after; generation routes answer 503
+with Retry-After meanwhile. Nothing that runs the model ever runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from minicpm_server.checkpoint import LoadedCheckpoint, StartupError, load_checkpoint
+from minicpm_server.engine import Engine
+from minicpm_server.errors import APIError, install_error_handlers
+from minicpm_server.protocol import HealthResponse, LegacyChatRequest, LegacyChatResponse, error_responses
+from minicpm_server.serving import complete_or_cancel, now_string, prepare_legacy, prepare_off_loop, record_usage
+from minicpm_server.settings import Settings
+
+log = logging.getLogger("minicpm_server")
+
+
+class ModelService:
+    """Owns the checkpoint and the engine for the app's lifetime."""
+
+    def __init__(self, settings: Settings, on_fatal: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.on_fatal = on_fatal
+        self.state = "loading"
+        self.detail: str | None = None
+        self.checkpoint: LoadedCheckpoint | None = None
+        self.engine: Engine | None = None
+
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name="minicpm-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        s = self.settings
+        try:
+            checkpoint = load_checkpoint(s.model_path, s.device, s.dtype)
+            engine = Engine(
+                checkpoint.model,
+                checkpoint.tokenizer,
+                context_window=checkpoint.context_window,
+                eos_token_id=checkpoint.eos_token_id,
+                max_batch=s.max_batch,
+                max_queue=s.max_queue,
+                max_prefill_tokens=s.max_prefill_tokens,
+                empty_cache=s.empty_cache,
+                seed=s.seed,
+            )
+            engine.start()
+        except StartupError as exc:
+            self._fail(str(exc))
+            return
+        except Exception as exc:
+            self._fail(
+                f"loading the model failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
+            return
+        self.checkpoint, self.engine, self.state = checkpoint, engine, "ready"
+        log.info("ready: %s (context window %d tokens)", s.model_name, checkpoint.context_window)
+
+    def _fail(self, message: str) -> None:
+        self.state, self.detail = "failed", message
+        log.error("%s", message)
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+
+    def health(self) -> tuple[int, HealthResponse]:
+        engine = self.engine
+        if self.state == "ready" and engine is not None and engine.alive:
+            return 200, HealthResponse(
+                status="ok", model=self.settings.model_name, running=engine.num_running, waiting=engine.num_waiting
+            )
+        if self.state == "loading":
+            return 503, HealthResponse(status="loading", detail="the model is loading")
+        detail = self.detail or "the generation engine has stopped"
+        return 503, HealthResponse(status="unavailable", detail=detail)
+
+    def require_engine(self) -> Engine:
+        engine = self.engine
+        if self.state == "loading":
+            raise APIError(
+                503, "the model is still loading; retry shortly", code="loading", headers={"Retry-After": "5"}
+            )
+        if engine is None or not engine.alive:
+            raise APIError(503, self.detail or "the generation engine is not running", code="unavailable")
+        return engine
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+# --------------------------------------------------------------------------- request log
+
+
+class RequestLogMiddleware:
+    """One line per request: endpoint, status, token counts, duration; texts only with --log-prompts."""
+
+    def __init__(self, app: ASGIApp, log_prompts: bool = False) -> None:
+        self.app = app
+        self.log_prompts = log_prompts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            self._log(scope, status, time.perf_counter() - start)
+
+    def _log(self, scope: Scope, status: int, seconds: float) -> None:
+        state = scope.get("state") or {}
+        prompt_tokens, completion_tokens = state.get("usage", (0, 0))
+        line = (
+            f"{scope.get('method', '-')} {scope.get('path', '-')} status={status} "
+            f"prompt_tokens={prompt_tokens} completion_tokens={completion_tokens} duration={seconds:.3f}s"
+        )
+        if self.log_prompts and "texts" in state:
+            prompt, answer = state["texts"]
+            line += f" prompt={prompt!r} response={answer!r}"
+        log.info("%s", line)
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def api_key_guard(settings: Settings) -> Callable[[Request], None]:
+    expected = (settings.api_key or "").encode()
+
+    def require_api_key(request: Request) -> None:
+        if not expected:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        # compare_digest: the time taken does not reveal how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise APIError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return require_api_key
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+def legacy_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.post(
+        "/",
+        response_model=LegacyChatResponse,
+        responses=error_responses(400, 401, 413, 429, 503),
+        summary="The tutorial's chat endpoint",
+    )
+    async def legacy_chat(body: LegacyChatRequest, request: Request) -> Any:
+        engine = _service(request).require_engine()
+        prepared = await prepare_off_loop(prepare_legacy, engine, body)
+        handle = engine.submit(prepared.prompt_ids, prepared.params)
+        completion = await complete_or_cancel(handle, request)
+        record_usage(request, prepared, completion.completion_tokens, completion.text)
+        return {"response": completion.text, "status": 200, "time": now_string()}
+
+    return router
+
+
+def health_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health(request: Request) -> JSONResponse:
+        status, body = _service(request).health()
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+
+    return router
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    service = ModelService(settings, on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.manual_seed(settings.seed)
+        if settings.public_interface and not settings.api_key:
+            log.warning(
+                "listening on %s without an API key: anyone who can reach port %d can use the model; "
+                "set --api-key (or MINICPM_API_KEY)",
+                settings.host,
+                settings.port,
+            )
+        service.start_loading()
+        yield
+        service.stop()
+
+    app = FastAPI(title="MiniCPM API server", version="0.1.0", lifespan=lifespan)
+    app.state.service = service
+    install_error_handlers(app)
+    guarded = [Depends(api_key_guard(settings))]
+    app.include_router(health_routes())
+    app.include_router(legacy_routes(), dependencies=guarded)
+    app.add_middleware(RequestLogMiddleware, log_prompts=settings.log_prompts)
+    return app

@@ -1,0 +1,83 @@
+"""All server settings in one object: command-line flags, each with a MINICPM_* environment variable.
+
+Precedence: command line, then environment, then the defaults below. `python api.py --help`
+prints every flag with its variable and default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from minicpm_server.checkpoint import StartupError
+
+DEFAULT_MODEL_PATH = Path("/root/autodl-tmp/OpenBMB/MiniCPM-2B-sft-fp32")
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _env(name: str, text: str) -> str:
+    return f"{text} [env MINICPM_{name.upper()}]"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MINICPM_",
+        cli_prog_name="api.py",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_exit_on_error=True,
+        extra="ignore",
+    )
+
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description=_env("model_path", "MiniCPM checkpoint directory."))
+    demo: bool = Field(
+        False,
+        description=_env("demo", "Serve a tiny random-weight model on CPU (built once, cached): no GPU, no download."),
+    )
+    host: str = Field("0.0.0.0", description=_env("host", "Interface to listen on."))
+    port: int = Field(6006, ge=1, le=65535, description=_env("port", "Port to listen on."))
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description=_env("device", "auto: CUDA when available."))
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description=_env("dtype", "auto: bfloat16 on CUDA, float32 on CPU.")
+    )
+    api_key: str | None = Field(
+        None, description=_env("api_key", "Require 'Authorization: Bearer KEY' on every route but /health.")
+    )
+    log_prompts: bool = Field(False, description=_env("log_prompts", "Log prompt and answer texts (off: counts only)."))
+    empty_cache: Literal["idle", "always", "never"] = Field(
+        "idle", description=_env("empty_cache", "When to release PyTorch's cached GPU memory.")
+    )
+    seed: int = Field(0, ge=0, description=_env("seed", "torch.manual_seed at start-up, as the tutorial did."))
+    served_model_name: str | None = Field(
+        None,
+        description=_env("served_model_name", "Model name in /v1 answers (default: the checkpoint's directory name)."),
+    )
+    max_batch: int = Field(32, ge=1, le=1024, description=_env("max_batch", "Sequences generated together."))
+    max_queue: int = Field(256, ge=0, description=_env("max_queue", "Requests that may wait; beyond, 429."))
+    max_prefill_tokens: int = Field(
+        8192, ge=1, description=_env("max_prefill_tokens", "Prompt tokens admitted per engine step.")
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description=_env("log_level", "Log level."))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or (self.model_path.name or "minicpm")
+
+    @property
+    def public_interface(self) -> bool:
+        return self.host not in LOOPBACK_HOSTS and not self.host.startswith("127.")
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    """Settings from the command line and environment; invalid values raise StartupError."""
+    try:
+        return Settings(_cli_parse_args=argv)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'-'.join(str(p) for p in err['loc']).replace('_', '-') or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise StartupError(f"invalid settings: {problems}") from None

@@ -1,0 +1,114 @@
+"""A small ModelScope-compatible hub on loopback, serving a local directory to the real client.
+
+Routes (what modelscope's snapshot_download calls):
+  GET /api/v1/models/{owner}/{name}/repo/files?Revision=..&Recursive=..   the file list, with Sha256 and Size
+  GET /api/v1/models/{owner}/{name}/repo?Revision=..&FilePath=..          one file; honours Range
+Anything else answers 404 in ModelScope's JSON error shape. `requests` records every path asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+import urllib.parse
+from pathlib import Path
+
+
+class FakeModelScopeHub:
+    def __init__(self, models: dict[str, Path]) -> None:
+        self.models = models  # "Owner/Name" -> directory
+        self.requests: list[str] = []
+        self.cut_after: dict[str, int] = {}  # FilePath -> bytes to send before dropping the connection once
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                hub.requests.append(self.path)
+                hub._route(self)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> FakeModelScopeHub:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # ------------------------------------------------------------------ routing
+
+    def _route(self, req: http.server.BaseHTTPRequestHandler) -> None:
+        parsed = urllib.parse.urlparse(req.path)
+        query = dict(urllib.parse.parse_qsl(parsed.query))
+        parts = parsed.path.strip("/").split("/")
+        if len(parts) == 7 and parts[:3] == ["api", "v1", "models"] and parts[5:] == ["repo", "files"]:
+            return self._files(req, f"{parts[3]}/{parts[4]}")
+        if len(parts) == 6 and parts[:3] == ["api", "v1", "models"] and parts[5] == "repo" and "FilePath" in query:
+            return self._file(req, f"{parts[3]}/{parts[4]}", query["FilePath"])
+        self._json(req, 404, {"Code": 404, "Message": f"not found: {parsed.path}", "Success": False})
+
+    def _files(self, req, model_id: str) -> None:
+        root = self.models.get(model_id)
+        if root is None:
+            return self._json(
+                req, 404, {"Code": 10010205001, "Message": f"model {model_id} not found", "Success": False}
+            )
+        files = []
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(root).as_posix()
+            data = path.read_bytes()
+            files.append(
+                {
+                    "Name": path.name,
+                    "Path": rel,
+                    "Type": "blob",
+                    "Size": len(data),
+                    "Sha256": hashlib.sha256(data).hexdigest(),
+                    "Revision": "0" * 40,
+                }
+            )
+        self._json(req, 200, {"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
+
+    def _file(self, req, model_id: str, file_path: str) -> None:
+        root = self.models.get(model_id)
+        target = (root / file_path) if root else None
+        if target is None or not target.is_file():
+            return self._json(req, 404, {"Code": 404, "Message": f"file {file_path} not found", "Success": False})
+        data = target.read_bytes()
+        start = 0
+        range_header = req.headers.get("Range")
+        if range_header and range_header.startswith("bytes="):
+            start = int(range_header.split("=", 1)[1].split("-", 1)[0] or 0)
+        body = data[start:]
+        req.send_response(206 if start else 200)
+        req.send_header("Content-Type", "application/octet-stream")
+        req.send_header("Content-Length", str(len(body)))
+        if start:
+            req.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        req.end_headers()
+        cut = self.cut_after.pop(file_path, None)
+        if cut is not None:
+            req.wfile.write(body[:cut])
+            req.wfile.flush()
+            req.close_connection = True
+            req.connection.shutdown(2)
+            return
+        req.wfile.write(body)
+
+    @staticmethod
+    def _json(req, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        req.send_response(status)
+        req.send_header("Content-Type", "application/json")
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)

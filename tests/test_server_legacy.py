@@ -1,0 +1,212 @@
+"""POST / and /health on a real server, driven the way the tutorial's users drive it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+import client
+
+QUESTION = "山东省最高的山是哪座山, 它比黄山高还是矮？差距多少？"
+TIME_FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+
+
+def test_tutorial_curl_command(server) -> None:
+    # The tutorial's exact command shape (plus a length cap so the random model stops soon).
+    body = json.dumps({"prompt": QUESTION, "max_length": 100}, ensure_ascii=False)
+    out = subprocess.run(
+        ["curl", "-s", "-X", "POST", server.url, "-H", "Content-Type: application/json", "-d", body],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    answer = json.loads(out.stdout)
+    assert set(answer) == {"response", "status", "time"}
+    assert isinstance(answer["response"], str)
+    assert answer["status"] == 200
+    assert TIME_FORMAT.match(answer["time"])
+
+
+def test_tutorial_requests_client(server) -> None:
+    # client.get_completion is the tutorial's function: requests, data=json.dumps, max_length 512.
+    text = client.get_completion(QUESTION, url=server.url, max_length=120)
+    assert isinstance(text, str)
+    assert "<AI>" not in text and "<用户>" not in text
+
+
+def test_client_cli_one_question(server) -> None:
+    out = subprocess.run(
+        ["python", "client.py", "--url", server.url, "--max-length", "80", "hello"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_client_interactive_mode_sends_history(server) -> None:
+    proc = subprocess.run(
+        ["python", "client.py", "--url", server.url, "--max-new-tokens", "40"],
+        input="first question\nsecond question\n\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("MiniCPM>") == 2
+
+
+def test_history_changes_the_prompt(server) -> None:
+    base = {"prompt": "and then?", "max_new_tokens": 12, "do_sample": False}
+    alone = requests.post(server.url, json=base).json()["response"]
+    history = [{"role": "user", "content": "tell me about rivers"}, {"role": "assistant", "content": "rivers flow"}]
+    with_history = requests.post(server.url, json={**base, "history": history})
+    assert with_history.status_code == 200
+    assert with_history.json()["response"] != alone
+
+
+def test_same_seed_same_answer(server) -> None:
+    body = {"prompt": QUESTION, "max_new_tokens": 20, "seed": 1234, "temperature": 1.0}
+    first = requests.post(server.url, json=body).json()["response"]
+    assert requests.post(server.url, json=body).json()["response"] == first
+
+
+BAD_REQUESTS = [
+    ("not json", b"{prompt", None),
+    ("invalid utf-8", b'{"prompt": "\xff\xfe"}', None),
+    ("array body", b"[1, 2]", None),
+    ("string body", b'"hello"', None),
+    ("null body", b"null", None),
+    ("missing prompt", {}, "prompt"),
+    ("numeric prompt", {"prompt": 5}, "prompt"),
+    ("null prompt", {"prompt": None}, "prompt"),
+    ("list prompt", {"prompt": ["a"]}, "prompt"),
+    ("string number", {"prompt": "a", "max_new_tokens": "10"}, "max_new_tokens"),
+    ("string temperature", {"prompt": "a", "temperature": "hot"}, "temperature"),
+    ("string bool", {"prompt": "a", "do_sample": "yes"}, "do_sample"),
+    ("negative max_new_tokens", {"prompt": "a", "max_new_tokens": -1}, "max_new_tokens"),
+    ("zero max_new_tokens", {"prompt": "a", "max_new_tokens": 0}, "max_new_tokens"),
+    ("negative temperature", {"prompt": "a", "temperature": -0.1}, "temperature"),
+    ("top_p above 1", {"prompt": "a", "top_p": 1.5}, "top_p"),
+    ("top_p zero", {"prompt": "a", "top_p": 0}, "top_p"),
+    ("negative top_k", {"prompt": "a", "top_k": -1}, "top_k"),
+    ("zero penalty", {"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+    ("negative seed", {"prompt": "a", "seed": -1}, "seed"),
+    ("absurd max_length", {"prompt": "a", "max_length": 10**9}, "max_length"),
+    ("absurd max_new_tokens", {"prompt": "a", "max_new_tokens": 10**12}, "max_new_tokens"),
+    ("max_length below prompt", {"prompt": "a b c d e f", "max_length": 3}, "max_length"),
+    ("history not a list", {"prompt": "a", "history": "earlier"}, "history"),
+    ("history item missing content", {"prompt": "a", "history": [{"role": "user"}]}, "history.0.content"),
+    ("history unknown role", {"prompt": "a", "history": [{"role": "robot", "content": "x"}]}, "history.0.role"),
+    ("history pairs", {"prompt": "a", "history": [["user", "x"]]}, "history.0"),
+    ("history numeric content", {"prompt": "a", "history": [{"role": "user", "content": 5}]}, "history.0.content"),
+    ("misspelt field", {"prompt": "a", "temprature": 0.3}, "temprature"),
+    ("NaN", b'{"prompt": "a", "temperature": NaN}', "temperature"),
+    ("Infinity", b'{"prompt": "a", "top_p": Infinity}', "top_p"),
+    ("lone surrogate", b'{"prompt": "\\ud800"}', "prompt"),
+    ("prompt beyond the context window", {"prompt": "你好 世界 " * 1500}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "param"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_400(server, name: str, body, param: str | None) -> None:
+    if isinstance(body, bytes):
+        r = requests.post(server.url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    else:
+        r = requests.post(server.url, json=body, timeout=30)
+    assert r.status_code == 400, (name, r.status_code, r.text)
+    error = r.json()["error"]
+    assert error["message"] and "Traceback" not in r.text
+    if param is not None:
+        assert error["param"] == param, error
+        assert param.split(".")[0] in error["message"]
+
+
+def test_missing_content_type_is_explained(server) -> None:
+    r = requests.post(server.url, data='{"prompt": "a"}', timeout=30)  # form content type, as `curl -d` sends
+    assert r.status_code == 400
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+def test_server_keeps_serving_after_bad_input(server) -> None:
+    for _, body, _ in BAD_REQUESTS[:6]:
+        requests.post(server.url, data=body if isinstance(body, bytes) else json.dumps(body), timeout=30)
+    r = requests.post(server.url, json={"prompt": "still there?", "max_new_tokens": 4})
+    assert r.status_code == 200 and requests.get(server.url + "/health").status_code == 200
+
+
+def test_unknown_route_and_method_are_json(server) -> None:
+    missing = requests.get(server.url + "/nope")
+    assert missing.status_code == 404 and "error" in missing.json()
+    wrong = requests.put(server.url + "/", json={"prompt": "a"})
+    assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_health_answers_quickly_during_generation(server) -> None:
+    """The model runs on its own thread: /health must not wait for generations."""
+    done: list[float] = []
+
+    def generate() -> None:
+        start = time.perf_counter()
+        requests.post(server.url, json={"prompt": "long", "max_new_tokens": 900, "ignore_eos": True, "stop": []})
+        done.append(time.perf_counter() - start)
+
+    workers = [threading.Thread(target=generate) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(0.3)
+    latencies = []
+    while any(w.is_alive() for w in workers) and len(latencies) < 200:
+        start = time.perf_counter()
+        r = requests.get(server.url + "/health", timeout=10)
+        latencies.append(time.perf_counter() - start)
+        assert r.status_code == 200 and r.json()["running"] >= 0
+        time.sleep(0.02)
+    for w in workers:
+        w.join()
+    assert len(latencies) >= 5, "generation finished before /health could be measured"
+    latencies.sort()
+    print(
+        f"/health during generation: n={len(latencies)} median={latencies[len(latencies) // 2] * 1000:.1f} ms "
+        f"max={latencies[-1] * 1000:.1f} ms; generations took {min(done):.2f}-{max(done):.2f} s"
+    )
+    # Structural, not a speed threshold: a blocked event loop would make /health wait for a whole generation.
+    assert latencies[-1] < min(done) / 2
+
+
+def test_one_log_line_per_request_without_texts(server) -> None:
+    marker = "UNIQUE-PROMPT-MARKER-1234"
+    requests.post(server.url, json={"prompt": marker, "max_new_tokens": 3})
+    time.sleep(0.2)
+    log = server.log()
+    lines = [line for line in log.splitlines() if "POST / status=200" in line]
+    assert lines and re.search(r"prompt_tokens=\d+ completion_tokens=\d+ duration=\d", lines[-1])
+    assert marker not in log
+
+
+def test_log_prompts_flag_logs_texts(start_server, tiny_dir) -> None:
+    logged = start_server("--model-path", tiny_dir, "--device", "cpu", "--log-prompts")
+    requests.post(logged.url, json={"prompt": "LOGGED-PROMPT-5678", "max_new_tokens": 3})
+    time.sleep(0.2)
+    assert "LOGGED-PROMPT-5678" in logged.log()
+
+
+def test_api_key_required_except_health(start_server, tiny_dir) -> None:
+    secured = start_server("--model-path", tiny_dir, "--device", "cpu", "--api-key", "s3cret")
+    assert requests.get(secured.url + "/health").status_code == 200
+    missing = requests.post(secured.url, json={"prompt": "a", "max_new_tokens": 2})
+    wrong = requests.post(secured.url, json={"prompt": "a"}, headers={"Authorization": "Bearer nope"})
+    right = requests.post(
+        secured.url, json={"prompt": "a", "max_new_tokens": 2}, headers={"Authorization": "Bearer s3cret"}
+    )
+    assert missing.status_code == 401 and wrong.status_code == 401
+    assert missing.json()["error"]["code"] == "invalid_api_key"
+    assert right.status_code == 200
+    assert client.get_completion("a", url=secured.url, max_length=20, api_key="s3cret") is not None

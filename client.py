@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 
 import requests
 
@@ -51,6 +52,36 @@ def get_completion(
     return response.json()["response"]
 
 
+def stream_completion(
+    prompt: str,
+    url: str = DEFAULT_URL,
+    max_length: int | None = 512,
+    history: list[dict[str, str]] | None = None,
+    api_key: str | None = None,
+    timeout: float = 600,
+    max_new_tokens: int | None = None,
+) -> Iterator[str]:
+    """Like get_completion, but yields the answer piece by piece as the server generates it."""
+    data: dict = {"prompt": prompt, "stream": True}
+    if max_new_tokens is not None:
+        data["max_new_tokens"] = max_new_tokens
+    elif max_length is not None:
+        data["max_length"] = max_length
+    if history:
+        data["history"] = history
+    with requests.post(url, headers=_headers(api_key), data=json.dumps(data), stream=True, timeout=timeout) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"server answered {response.status_code}: {_error_message(response)}")
+        for line in response.iter_lines(decode_unicode=True):
+            if not line:
+                continue
+            chunk = json.loads(line)
+            if "error" in chunk:
+                raise RuntimeError(f"generation failed: {chunk['error']['message']}")
+            if chunk["response"]:
+                yield chunk["response"]
+
+
 def _error_message(response: requests.Response) -> str:
     try:
         return response.json()["error"]["message"]
@@ -58,7 +89,23 @@ def _error_message(response: requests.Response) -> str:
         return response.text[:200]
 
 
-def chat_loop(url: str, max_new_tokens: int, api_key: str | None) -> None:
+def _ask(
+    question: str, url: str, history: list[dict[str, str]], max_new_tokens: int, api_key: str | None, stream: bool
+) -> str:
+    if not stream:
+        answer = get_completion(question, url, None, history, api_key, max_new_tokens=max_new_tokens)
+        print(f"MiniCPM> {answer}")
+        return answer
+    print("MiniCPM> ", end="", flush=True)
+    parts = []
+    for piece in stream_completion(question, url, None, history, api_key, max_new_tokens=max_new_tokens):
+        parts.append(piece)
+        print(piece, end="", flush=True)
+    print()
+    return "".join(parts)
+
+
+def chat_loop(url: str, max_new_tokens: int, api_key: str | None, stream: bool = False) -> None:
     """Read questions from stdin and keep the conversation's history between turns."""
     history: list[dict[str, str]] = []
     print("Multi-turn chat. Empty line or Ctrl-D to quit; /reset starts over.")
@@ -74,11 +121,10 @@ def chat_loop(url: str, max_new_tokens: int, api_key: str | None) -> None:
             history.clear()
             continue
         try:
-            answer = get_completion(question, url, None, history, api_key, max_new_tokens=max_new_tokens)
+            answer = _ask(question, url, history, max_new_tokens, api_key, stream)
         except (RuntimeError, requests.RequestException) as exc:
             print(f"error: {exc}", file=sys.stderr)
             continue
-        print(f"MiniCPM> {answer}")
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
@@ -88,13 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=os.environ.get("MINICPM_URL", DEFAULT_URL), help=f"server URL ({DEFAULT_URL})")
     parser.add_argument("--max-length", type=int, default=512, help="total tokens, prompt included (512)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="answer length cap in chat mode (512)")
+    parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--api-key", default=os.environ.get("MINICPM_API_KEY"), help="the server's API key, if any")
     args = parser.parse_args(argv)
     if args.prompt is None:
-        chat_loop(args.url, args.max_new_tokens, args.api_key)
+        chat_loop(args.url, args.max_new_tokens, args.api_key, args.stream)
         return 0
     try:
-        print(get_completion(args.prompt, args.url, args.max_length, api_key=args.api_key))
+        if args.stream:
+            for piece in stream_completion(args.prompt, args.url, args.max_length, api_key=args.api_key):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(get_completion(args.prompt, args.url, args.max_length, api_key=args.api_key))
     except (RuntimeError, requests.RequestException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -67,6 +67,162 @@ class LegacyChatResponse(BaseModel):
     time: str = Field(description="Server local time, YYYY-MM-DD HH:MM:SS.")
 
 
+# --------------------------------------------------------------------------- OpenAI-compatible
+
+MAX_STOP_STRINGS = 32
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatCompletionMessage(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: Text | list[TextPart] = Field(description="A string, or text parts (joined).")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class OpenAIFields(SamplingFields):
+    """Fields both /v1 generation endpoints take, including OpenAI's that we only accept at their defaults."""
+
+    model: Text | None = Field(None, description="Any name is accepted; answers name the served model.")
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Text | list[Text] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
+    n: int = Field(1, ge=1, description="Only 1 is supported.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0; use repetition_penalty.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0; use repetition_penalty.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
+    user: Text | None = Field(None, description="An end-user id; recorded nowhere.")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first field set to something we cannot do, with why: a 400, never silently ignored."""
+        if self.n != 1:
+            return "n", "only n=1 is supported"
+        if self.presence_penalty or self.frequency_penalty:
+            name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            return name, "not supported; use repetition_penalty"
+        if self.logit_bias:
+            return "logit_bias", "not supported"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "only allowed when stream is true"
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+            return "stop", f"at most {MAX_STOP_STRINGS} stop strings"
+        return None
+
+
+class ChatCompletionRequest(OpenAIFields):
+    messages: list[ChatCompletionMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+            if getattr(self, name) not in (None, []):
+                return name, "tool and function calling are not supported by MiniCPM-2B"
+        if self.logprobs or self.top_logprobs is not None:
+            return ("logprobs" if self.logprobs else "top_logprobs"), "log probabilities are not supported"
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            return "response_format", "only {'type': 'text'} is supported"
+        return super().unsupported()
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: Text | list[Text] = Field(description="A string (or a list holding one string); no chat template.")
+    echo: bool = False
+    suffix: Text | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            return "prompt", "send exactly one prompt per request"
+        if self.echo:
+            return "echo", "not supported"
+        if self.suffix:
+            return "suffix", "not supported"
+        if self.best_of not in (None, 1):
+            return "best_of", "only best_of=1 is supported"
+        if self.logprobs is not None:
+            return "logprobs", "log probabilities are not supported"
+        return super().unsupported()
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "openbmb"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

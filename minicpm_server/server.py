@@ -16,16 +16,43 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minicpm_server.checkpoint import LoadedCheckpoint, StartupError, load_checkpoint
 from minicpm_server.engine import Engine
 from minicpm_server.errors import APIError, install_error_handlers
-from minicpm_server.protocol import HealthResponse, LegacyChatRequest, LegacyChatResponse, error_responses
-from minicpm_server.serving import complete_or_cancel, now_string, prepare_legacy, prepare_off_loop, record_usage
+from minicpm_server.metrics import Metrics
+from minicpm_server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    HealthResponse,
+    LegacyChatRequest,
+    LegacyChatResponse,
+    ModelCard,
+    ModelList,
+    error_responses,
+)
+from minicpm_server.serving import (
+    TrackedGeneration,
+    finish_reason,
+    legacy_stream,
+    new_id,
+    now_string,
+    openai_stream,
+    prepare_chat_completion,
+    prepare_completion,
+    prepare_legacy,
+    prepare_off_loop,
+    usage,
+)
 from minicpm_server.settings import Settings
+
+# Headers that keep proxies (nginx, AutoDL's port mapping) from buffering a stream.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 log = logging.getLogger("minicpm_server")
 
@@ -33,9 +60,11 @@ log = logging.getLogger("minicpm_server")
 class ModelService:
     """Owns the checkpoint and the engine for the app's lifetime."""
 
-    def __init__(self, settings: Settings, on_fatal: Callable[[str], None] | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, on_fatal: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.on_fatal = on_fatal
+        self.created = int(time.time())
         self.state = "loading"
         self.detail: str | None = None
         self.checkpoint: LoadedCheckpoint | None = None
@@ -60,6 +89,7 @@ class ModelService:
                 seed=s.seed,
             )
             engine.start()
+            self.metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting)
         except StartupError as exc:
             self._fail(str(exc))
             return
@@ -109,8 +139,9 @@ class ModelService:
 class RequestLogMiddleware:
     """One line per request: endpoint, status, token counts, duration; texts only with --log-prompts."""
 
-    def __init__(self, app: ASGIApp, log_prompts: bool = False) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_prompts: bool = False) -> None:
         self.app = app
+        self.metrics = metrics
         self.log_prompts = log_prompts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -118,6 +149,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        scope.setdefault("state", {})["started"] = start  # time to first token counts from here
         status = 500
 
         async def send_and_note_status(message: Message) -> None:
@@ -130,6 +162,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send_and_note_status)
         finally:
             self._log(scope, status, time.perf_counter() - start)
+            self.metrics.observe_request(scope.get("path", ""), status)
 
     def _log(self, scope: Scope, status: int, seconds: float) -> None:
         state = scope.get("state") or {}
@@ -184,12 +217,90 @@ def legacy_routes() -> APIRouter:
         summary="The tutorial's chat endpoint",
     )
     async def legacy_chat(body: LegacyChatRequest, request: Request) -> Any:
-        engine = _service(request).require_engine()
+        service = _service(request)
+        engine = service.require_engine()
         prepared = await prepare_off_loop(prepare_legacy, engine, body)
-        handle = engine.submit(prepared.prompt_ids, prepared.params)
-        completion = await complete_or_cancel(handle, request)
-        record_usage(request, prepared, completion.completion_tokens, completion.text)
+        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics)
+        if body.stream:
+            return StreamingResponse(legacy_stream(gen), media_type="application/x-ndjson", headers=STREAM_HEADERS)
+        completion = await gen.complete()
         return {"response": completion.text, "status": 200, "time": now_string()}
+
+    return router
+
+
+def openai_routes() -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    errors = error_responses(400, 401, 413, 429, 503)
+
+    @router.get("/models", response_model=ModelList, responses=error_responses(401))
+    async def list_models(request: Request) -> Any:
+        service = _service(request)
+        return ModelList(data=[ModelCard(id=service.settings.model_name, created=service.created)])
+
+    @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=errors)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        service = _service(request)
+        engine = service.require_engine()
+        prepared = await prepare_off_loop(prepare_chat_completion, engine, body)
+        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics)
+        model = service.settings.model_name
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = openai_stream(gen, kind="chat", model=model, include_usage=include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
+        done = await gen.complete()
+        return {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": done.text},
+                    "finish_reason": finish_reason(done.finish_reason),
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage(done.prompt_tokens, done.completion_tokens),
+        }
+
+    @router.post("/completions", response_model=CompletionResponse, responses=errors)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        service = _service(request)
+        engine = service.require_engine()
+        prepared = await prepare_off_loop(prepare_completion, engine, body)
+        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics)
+        model = service.settings.model_name
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = openai_stream(gen, kind="completion", model=model, include_usage=include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
+        done = await gen.complete()
+        return {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {"index": 0, "text": done.text, "finish_reason": finish_reason(done.finish_reason), "logprobs": None}
+            ],
+            "usage": usage(done.prompt_tokens, done.completion_tokens),
+        }
+
+    return router
+
+
+def metrics_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.get(
+        "/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}, **error_responses(401)}
+    )
+    async def metrics(request: Request) -> Response:
+        registry = _service(request).metrics
+        return Response(registry.render(), media_type=registry.content_type)
 
     return router
 
@@ -209,7 +320,8 @@ def health_routes() -> APIRouter:
 
 
 def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
-    service = ModelService(settings, on_fatal)
+    metrics = Metrics()
+    service = ModelService(settings, metrics, on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -231,5 +343,7 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
     guarded = [Depends(api_key_guard(settings))]
     app.include_router(health_routes())
     app.include_router(legacy_routes(), dependencies=guarded)
-    app.add_middleware(RequestLogMiddleware, log_prompts=settings.log_prompts)
+    app.include_router(openai_routes(), dependencies=guarded)
+    app.include_router(metrics_routes(), dependencies=guarded)
+    app.add_middleware(RequestLogMiddleware, metrics=metrics, log_prompts=settings.log_prompts)
     return app

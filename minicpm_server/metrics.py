@@ -1,0 +1,61 @@
+"""Prometheus metrics, on a registry of the app's own (no process-global state to collide in tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Endpoints get their own label value; anything else is "other", so stray paths cannot blow up cardinality.
+KNOWN_ENDPOINTS = frozenset({"/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests_running = Gauge("minicpm_requests_running", "Sequences being generated now", registry=r)
+        self.requests_waiting = Gauge("minicpm_requests_waiting", "Requests queued for the engine", registry=r)
+        self.prompt_tokens = Counter("minicpm_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("minicpm_generation_tokens", "Tokens generated", registry=r)
+        self.time_to_first_token = Histogram(
+            "minicpm_time_to_first_token_seconds",
+            "From request arrival to its first token",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "minicpm_request_latency_seconds",
+            "From request arrival to its last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "minicpm_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+
+    def watch_engine(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """The gauges read the engine's live counts at scrape time."""
+        self.requests_running.set_function(running)
+        self.requests_waiting.set_function(waiting)
+
+    def observe_request(self, path: str, status: int) -> None:
+        endpoint = path if path in KNOWN_ENDPOINTS else "other"
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def observe_generation(
+        self, prompt_tokens: int, completion_tokens: int, ttft: float | None, latency: float
+    ) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        if ttft is not None:
+            self.time_to_first_token.observe(ttft)
+        self.request_latency.observe(latency)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,278 @@
+"""The OpenAI-compatible API through the official openai SDK and raw HTTP, on a real server."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+
+from minicpm_server.checkpoint import inspect_checkpoint, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def sdk(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def metric(server, name: str) -> float:
+    text = requests.get(server.url + "/metrics").text
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
+def greedy_chat(sdk, content: str, n: int = 20, **extra):
+    return sdk.chat.completions.create(
+        model="minicpm",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=n,
+        temperature=0,
+        extra_body={"ignore_eos": True, **extra},
+    )
+
+
+def test_models_list(sdk) -> None:
+    assert [m.id for m in sdk.models.list()] == ["MiniCPM-tiny"]  # the checkpoint directory's name
+
+
+def test_chat_completion_non_stream(sdk, tiny_dir) -> None:
+    r = greedy_chat(sdk, "你好", 12)
+    assert r.object == "chat.completion" and r.model == "MiniCPM-tiny"
+    assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
+    tokenizer = load_tokenizer(inspect_checkpoint(tiny_dir))
+    assert r.usage.prompt_tokens == len(tokenizer("<用户>你好<AI>").input_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_matches_non_stream_and_reports_usage(sdk) -> None:
+    expected = greedy_chat(sdk, "tell me about rivers", 25)
+    stream = sdk.chat.completions.create(
+        model="minicpm",
+        messages=[{"role": "user", "content": "tell me about rivers"}],
+        max_tokens=25,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    pieces, reasons, usage = [], [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            reasons.append(chunk.choices[0].finish_reason)
+        else:
+            usage = chunk.usage
+    assert "".join(pieces) == expected.choices[0].message.content
+    assert reasons[-1] == expected.choices[0].finish_reason and all(r is None for r in reasons[:-1])
+    assert usage is not None and usage.completion_tokens == expected.usage.completion_tokens
+
+
+def test_raw_sse_ends_with_done(server) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_max_completion_tokens_and_finish_length(sdk) -> None:
+    r = sdk.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "a"}],
+        max_completion_tokens=7,
+        extra_body={"ignore_eos": True, "stop": []},
+    )
+    assert r.usage.completion_tokens <= 7
+
+
+def test_completions_raw_prompt(sdk, tiny_dir) -> None:
+    r = sdk.completions.create(model="m", prompt="hello world", temperature=0, extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and r.usage.completion_tokens == 16  # OpenAI's default max_tokens
+    tokenizer = load_tokenizer(inspect_checkpoint(tiny_dir))
+    assert r.usage.prompt_tokens == len(tokenizer("hello world").input_ids)  # no chat template
+    chunks = list(
+        sdk.completions.create(
+            model="m", prompt="hello world", temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+
+
+def test_system_message_is_plain_text_before_the_turn(sdk, tiny_dir) -> None:
+    r = sdk.chat.completions.create(
+        model="m",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        max_tokens=2,
+    )
+    tokenizer = load_tokenizer(inspect_checkpoint(tiny_dir))
+    assert r.usage.prompt_tokens == len(tokenizer("Be brief.<用户>hi<AI>").input_ids)
+
+
+def test_stop_strings(sdk) -> None:
+    full = greedy_chat(sdk, "stop test", 30).choices[0].message.content
+    stop = full[8:11]
+    cut = greedy_chat(sdk, "stop test", 30, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_same_seed_same_answer(sdk) -> None:
+    def ask():
+        return (
+            sdk.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "seeded"}], max_tokens=20, seed=42, temperature=1.0
+            )
+            .choices[0]
+            .message.content
+        )
+
+    assert ask() == ask()
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"temperature": 3}, "temperature"),
+        ({"max_tokens": 100000}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content",
+        ),
+        ({"stop": ["s"] * 1000}, "stop"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
+def test_unsupported_or_bad_requests_raise_bad_request(sdk, extra: dict, param: str) -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "a"}], "max_tokens": 3}
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(
+            **{k: v for k, v in {**base, **extra}.items() if k in ("model", "messages")},
+            extra_body={k: v for k, v in {**base, **extra}.items() if k not in ("model", "messages")},
+        )
+    assert info.value.body["param"].startswith(param.split(".")[0]), info.value.body
+
+
+def test_parallel_requests_are_batched_and_correct(server, sdk) -> None:
+    prompts = [f"question number {i} about mountains" for i in range(16)]
+    alone = {p: greedy_chat(sdk, p, 16).choices[0].message.content for p in prompts[:4]}
+    steps_before = metric(server, "minicpm_generation_tokens_total")
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda p: greedy_chat(sdk, p, 16), prompts))
+    assert all(r.usage.completion_tokens == 16 for r in together)
+    for p, r in zip(prompts[:4], together[:4], strict=True):
+        assert r.choices[0].message.content == alone[p]  # float32: batching changes nothing
+    assert metric(server, "minicpm_generation_tokens_total") - steps_before == 16 * 16
+
+
+def test_abandoned_streams_free_their_slots(server) -> None:
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 900, "stream": True, "ignore_eos": True}
+    responses = [requests.post(server.url + "/v1/chat/completions", json=body, stream=True) for _ in range(6)]
+    for r in responses:
+        next(r.iter_lines())
+    assert metric(server, "minicpm_requests_running") >= 1
+    for r in responses:
+        r.close()
+    deadline = time.monotonic() + 1.0
+    while metric(server, "minicpm_requests_running") > 0:
+        assert time.monotonic() < deadline, "abandoned streams still running after 1 s"
+        time.sleep(0.05)
+
+
+def test_disconnected_non_stream_request_is_cancelled(server) -> None:
+    body = json.dumps({"prompt": "go", "max_new_tokens": 900, "ignore_eos": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+    time.sleep(0.3)
+    assert metric(server, "minicpm_requests_running") >= 1
+    sock.close()
+    deadline = time.monotonic() + 1.0
+    while metric(server, "minicpm_requests_running") > 0:
+        assert time.monotonic() < deadline, "a disconnected request kept generating"
+        time.sleep(0.05)
+
+
+def test_chinese_stream_has_no_replacement_characters(server) -> None:
+    """With a seed whose full answer is clean UTF-8, no streamed chunk carries a broken character."""
+    for seed in range(60):
+        body = {"prompt": "请用中文回答：泰山有多高？", "max_new_tokens": 30, "seed": seed, "temperature": 1.0}
+        full = requests.post(server.url, json=body).json()["response"]
+        if "\ufffd" not in full and re.search(r"[\u4e00-\u9fff]", full):
+            break
+    else:
+        pytest.fail("no seed gave a clean Chinese answer")
+    with requests.post(server.url, json={**body, "stream": True}, stream=True) as r:
+        lines = [json.loads(line) for line in r.iter_lines(decode_unicode=True) if line]
+    chunks = [line["response"] for line in lines]
+    assert all("\ufffd" not in c for c in chunks)
+    assert "".join(chunks) == full and lines[-1]["done"] is True
+
+
+def test_metrics_exposed(server, sdk) -> None:
+    greedy_chat(sdk, "metrics", 3)
+    text = requests.get(server.url + "/metrics").text
+    for name in (
+        "minicpm_requests_running",
+        "minicpm_requests_waiting",
+        "minicpm_prompt_tokens_total",
+        "minicpm_generation_tokens_total",
+        "minicpm_time_to_first_token_seconds_bucket",
+        "minicpm_request_latency_seconds_bucket",
+    ):
+        assert name in text
+    assert 'minicpm_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+
+
+def test_queue_overflow_answers_429_fast(start_server, tiny_dir) -> None:
+    small = start_server("--model-path", tiny_dir, "--device", "cpu", "--max-batch", "1", "--max-queue", "2")
+    body = {"prompt": "busy", "max_new_tokens": 300, "ignore_eos": True}
+    results: list[tuple[int, float, str | None]] = []
+
+    def call() -> None:
+        start = time.perf_counter()
+        r = requests.post(small.url, json=body, timeout=120)
+        results.append((r.status_code, time.perf_counter() - start, r.headers.get("Retry-After")))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rejected = [r for r in results if r[0] == 429]
+    assert len(results) == 8 and {r[0] for r in results} <= {200, 429}
+    assert 1 <= len(rejected) <= 5 and all(r[2] for r in rejected)
+    slowest_ok = max(r[1] for r in results if r[0] == 200)
+    assert max(r[1] for r in rejected) < slowest_ok / 2  # refused at once, not after waiting
+
+
+def test_client_stream_flag(server) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "client.py", "--url", server.url, "--stream", "--max-length", "60", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stdout.endswith("\n")

@@ -1,0 +1,108 @@
+"""Sampling, stop strings and incremental detokenization, unit by unit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minicpm_server.checkpoint import inspect_checkpoint, load_tokenizer
+from minicpm_server.detokenize import IncrementalDetokenizer
+from minicpm_server.engine import _first_stop, _stop_prefix_overlap
+from minicpm_server.sampling import (
+    BatchSampling,
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_top_k_top_p,
+    sample_next_tokens,
+)
+
+
+def batch(*params: SamplingParams, seeds: list[int | None] | None = None) -> BatchSampling:
+    gens = [None if s is None else torch.Generator().manual_seed(s) for s in (seeds or [None] * len(params))]
+    return BatchSampling.build(list(params), gens, torch.device("cpu"))
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, torch.tensor([2.0]))
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+def test_repetition_penalty_changes_the_greedy_choice() -> None:
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    seen = torch.tensor([[True, False, False]])
+    shared = torch.Generator().manual_seed(0)
+    plain = batch(SamplingParams(max_new_tokens=1, do_sample=False, repetition_penalty=1.0))
+    penalised = batch(SamplingParams(max_new_tokens=1, do_sample=False, repetition_penalty=1.2))
+    assert sample_next_tokens(logits, seen, plain, shared).item() == 0
+    assert sample_next_tokens(logits, seen, penalised, shared).item() == 1
+
+
+def test_top_k_and_top_p_filtering() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda k, p: torch.isfinite(filter_top_k_top_p(logits, torch.tensor([k]), torch.tensor([p])))[0].tolist()  # noqa: E731
+    assert keep(2, 1.0) == [True, True, False, False]
+    assert keep(0, 0.45) == [True, False, False, False]  # the first token alone reaches 0.45
+    assert keep(0, 0.79) == [True, True, False, False]
+    assert keep(0, 1.0) == [True, True, True, True]
+    assert keep(3, 0.9) == [True, True, True, False]
+
+
+def test_sampling_follows_the_distribution_and_mixes_greedy_rows() -> None:
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]] * 2))
+    params = batch(
+        SamplingParams(max_new_tokens=1, temperature=1.0, top_p=1.0, repetition_penalty=1.0),
+        SamplingParams(max_new_tokens=1, do_sample=False, repetition_penalty=1.0),
+    )
+    seen = torch.zeros(2, 3, dtype=torch.bool)
+    shared = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next_tokens(logits, seen, params, shared) for _ in range(2000)])
+    assert (draws[:, 1] == 0).all()  # the greedy row
+    freq = torch.bincount(draws[:, 0], minlength=3).float() / 2000
+    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.04)
+
+
+def test_seeded_rows_do_not_depend_on_their_neighbours() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    p = SamplingParams(max_new_tokens=1, temperature=1.0, top_p=1.0)
+    seen = torch.zeros(3, 50, dtype=torch.bool)
+    a = [
+        sample_next_tokens(logits, seen, batch(p, p, p, seeds=[7, None, 9]), torch.Generator().manual_seed(s))
+        for s in (1, 2)
+    ]
+    assert a[0][0] == a[1][0] and a[0][2] == a[1][2]
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "emitted", "expected"),
+    [
+        ("hello world", ("wor",), 0, 6),
+        ("hello", ("xyz",), 0, None),
+        ("ab<AI>cd<用户>", ("<用户>", "<AI>"), 0, 2),
+        ("aaa", (), 0, None),
+    ],
+)
+def test_first_stop(text: str, stops: tuple[str, ...], emitted: int, expected: int | None) -> None:
+    assert _first_stop(text, stops, emitted) == expected
+
+
+def test_stop_prefix_overlap_holds_back_partial_stops() -> None:
+    assert _stop_prefix_overlap("answer <A", ("<AI>",)) == 2
+    assert _stop_prefix_overlap("answer <", ("<AI>", "<用户>")) == 1
+    assert _stop_prefix_overlap("answer", ("<AI>",)) == 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    return load_tokenizer(inspect_checkpoint(tiny_dir))
+
+
+def test_detokenizer_never_splits_a_character(tokenizer) -> None:
+    text = "泰山海拔1545米，比黄山高 about 300 meters. 龘靐齉"  # rare characters go through byte fallback
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert any(tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in ids), "test needs byte-fallback tokens"
+    detok = IncrementalDetokenizer(tokenizer)
+    chunks = [detok.push(i) for i in ids] + [detok.flush()]
+    assert all("\ufffd" not in c for c in chunks)
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True) == text

@@ -3,7 +3,8 @@
 Each row keeps its own temperature, top_k, top_p, repetition penalty, greedy flag and random
 generator. The order follows transformers' generate(): repetition penalty on the raw logits,
 then temperature, top-k, and top-p on what top-k left; greedy rows take the argmax of the
-penalised logits, as generate() does with do_sample=False.
+penalised logits, as generate() does with do_sample=False. Probabilities are normalised once
+and a token is drawn by inverse CDF, one uniform number per row.
 """
 
 from __future__ import annotations
@@ -86,17 +87,62 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf what top-k (0 = off) and then top-p (nucleus) remove, row by row."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
-    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
+# A real chat model's nucleus at the tutorial's temperature 0.5 / top_p 0.8 is a handful of tokens;
+# when every row's kept set provably fits in this many candidates, we skip sorting the vocabulary.
+CANDIDATES = 256
+
+
+def candidate_weights(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, K] and their sampling weights [B, K] after top-k, then top-p on what top-k left.
+
+    Exact: the cheap path over the top CANDIDATES tokens is used only when it keeps precisely the
+    tokens a full sort would keep; otherwise the whole vocabulary is ranked.
+    """
+    vocab = scaled.shape[-1]
+    if vocab > CANDIDATES and _shortcut_possible(scaled, top_k, top_p):
+        found = _ranked_weights(scaled, top_k, top_p, CANDIDATES)
+        if found is not None:
+            return found
+    found = _ranked_weights(scaled, top_k, top_p, vocab)
+    assert found is not None  # ranking the whole vocabulary is always exact
+    return found
+
+
+def _shortcut_possible(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> bool:
+    """False when some row's nucleus certainly needs more than CANDIDATES tokens: even if all of
+    them had the top probability, they would not reach top_p (a flat distribution)."""
+    nucleus_rows = top_k == 0
+    if not bool(nucleus_rows.any()):
+        return True
+    top_prob = (scaled.max(dim=-1).values - torch.logsumexp(scaled, dim=-1)).exp()
+    return bool((top_prob[nucleus_rows] * CANDIDATES >= top_p[nucleus_rows]).all())
+
+
+def _ranked_weights(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    vocab = scaled.shape[-1]
+    if k < vocab and bool(((top_k == 0) & (top_p >= 1.0)).any()):
+        return None  # a row samples from the full distribution
+    values, ids = scaled.topk(k, dim=-1) if k < vocab else scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(k, device=scaled.device)[None, :]
+    bounded = (top_k > 0) & (top_k <= k)
+    in_top_k = ranks < torch.where(bounded, top_k, k)[:, None]
+    # top-p works on probabilities renormalised over what top-k kept (generate()'s order), or
+    # over the whole vocabulary when top-k is off.
+    over_top_k = torch.logsumexp(values.masked_fill(~in_top_k, float("-inf")), dim=-1)
+    log_norm = torch.where(bounded, over_top_k, torch.logsumexp(scaled, dim=-1))
+    probs = (values - log_norm[:, None]).exp().masked_fill(~in_top_k, 0.0)
+    cumulative = probs.cumsum(dim=-1)
     # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-    mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before > top_p[:, None], float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    keep = in_top_k & ((cumulative - probs <= top_p[:, None]) | (top_p[:, None] >= 1.0))
+    if k < vocab:
+        nucleus_inside = (top_k == 0) & (top_p < 1.0) & (cumulative[:, -1] > top_p)
+        if not bool((bounded | nucleus_inside).all()):
+            return None
+    return ids, probs.masked_fill(~keep, 0.0)
 
 
 def sample_next_tokens(
@@ -109,23 +155,27 @@ def sample_next_tokens(
     if bool(params.greedy.all()):
         return choice
     scaled = logits / params.temperature.clamp(min=1e-5)[:, None]
-    if bool(((params.top_k > 0) | (params.top_p < 1.0)).any()):
-        scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
-    probs = scaled.softmax(dim=-1)
-    sampled = _multinomial_by_generator(probs, params.generators, shared)
+    ids, weights = candidate_weights(scaled, params.top_k, params.top_p)
+    picked = _inverse_cdf(weights, params.generators, shared)
+    sampled = ids.gather(-1, picked[:, None]).squeeze(-1)
     return torch.where(params.greedy, choice, sampled)
 
 
-def _multinomial_by_generator(
-    probs: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator
+def _inverse_cdf(
+    weights: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator
 ) -> torch.Tensor:
-    """Rows with a seed draw from their own generator, so their answer does not depend on the batch."""
-    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    """One index per row, drawn in proportion to `weights` (unnormalised, zeros never drawn).
+
+    Rows with a seed draw their uniform number from their own generator, so their answer does
+    not depend on which other requests share the batch.
+    """
+    cumulative = weights.cumsum(dim=-1)
+    uniform = torch.empty(weights.shape[0], device=weights.device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        idx = torch.tensor(unseeded, device=probs.device)
-        out[idx] = torch.multinomial(probs[idx], 1, generator=shared).squeeze(-1)
+        uniform[unseeded] = torch.rand(len(unseeded), generator=shared, device=weights.device)
     for i, gen in enumerate(generators):
         if gen is not None:
-            out[i] = torch.multinomial(probs[i], 1, generator=gen).squeeze(-1)
-    return out
+            uniform[i] = torch.rand(1, generator=gen, device=weights.device)
+    target = (uniform * cumulative[:, -1])[:, None]
+    return torch.searchsorted(cumulative, target, right=True).squeeze(-1).clamp(max=weights.shape[-1] - 1)

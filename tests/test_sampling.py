@@ -12,7 +12,7 @@ from minicpm_server.sampling import (
     BatchSampling,
     SamplingParams,
     apply_repetition_penalty,
-    filter_top_k_top_p,
+    candidate_weights,
     sample_next_tokens,
 )
 
@@ -39,14 +39,45 @@ def test_repetition_penalty_changes_the_greedy_choice() -> None:
     assert sample_next_tokens(logits, seen, penalised, shared).item() == 1
 
 
+def kept(logits: torch.Tensor, k: int, p: float) -> list[bool]:
+    ids, weights = candidate_weights(logits, torch.tensor([k]), torch.tensor([p]))
+    out = [False] * logits.shape[-1]
+    for token, w in zip(ids[0].tolist(), weights[0].tolist(), strict=True):
+        out[token] = out[token] or w > 0
+    return out
+
+
 def test_top_k_and_top_p_filtering() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    keep = lambda k, p: torch.isfinite(filter_top_k_top_p(logits, torch.tensor([k]), torch.tensor([p])))[0].tolist()  # noqa: E731
+    keep = lambda k, p: kept(logits, k, p)  # noqa: E731
     assert keep(2, 1.0) == [True, True, False, False]
     assert keep(0, 0.45) == [True, False, False, False]  # the first token alone reaches 0.45
     assert keep(0, 0.79) == [True, True, False, False]
     assert keep(0, 1.0) == [True, True, True, True]
     assert keep(3, 0.9) == [True, True, True, False]
+
+
+@pytest.mark.parametrize(("k", "p"), [(0, 0.8), (0, 0.999), (5, 1.0), (300, 0.9), (40, 0.3), (0, 1.0)])
+def test_candidate_shortcut_keeps_exactly_what_a_full_sort_keeps(k: int, p: float) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for scale in (0.5, 3.0, 12.0):  # flat to sharply peaked distributions
+        logits = torch.randn(4, 5000, generator=gen) * scale
+        ids, weights = candidate_weights(logits, torch.tensor([k] * 4), torch.tensor([p] * 4))
+        dense = torch.zeros_like(logits).scatter(-1, ids, weights)
+        probs = logits.softmax(-1)
+        order = probs.sort(descending=True, dim=-1)
+        expected = torch.zeros_like(logits, dtype=torch.bool)
+        borderline = torch.zeros_like(logits, dtype=torch.bool)  # within rounding of the top_p edge
+        for row in range(4):
+            ranked = order.values[row]
+            if k:
+                ranked = torch.where(torch.arange(5000) < k, ranked, 0.0)
+                ranked = ranked / ranked.sum()
+            before = ranked.cumsum(0) - ranked
+            keep = (ranked > 0) & ((before <= p) | (p >= 1.0))
+            expected[row, order.indices[row][keep]] = True
+            borderline[row, order.indices[row][(before - p).abs() < 1e-5]] = True
+        assert not ((dense > 0) != expected)[~borderline].any()
 
 
 def test_sampling_follows_the_distribution_and_mixes_greedy_rows() -> None:

@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(settings) -> int:
     import uvicorn
 
-    from minicpm_server.server import create_app
+    from minicpm_server.server import DrainingServer, create_app
 
     fatal: list[str] = []
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def stop_on_fatal(message: str) -> None:
         fatal.append(message)
@@ -59,8 +59,10 @@ def _serve(settings) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=stop_on_fatal)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_config=None)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, access_log=False, log_config=None, timeout_graceful_shutdown=5
+    )
+    server = DrainingServer(config, app.state.service, settings.shutdown_timeout)
     server.run()
     if fatal:
         print(f"error: {fatal[0]}", file=sys.stderr)

@@ -226,6 +226,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._pending_fault: BaseException | None = None
+        self._admitting: list[GenerationHandle] = []  # taken from the queue, not yet in the batch
         self._released_since_busy = True
         self.on_finished: Callable[[GenerationHandle, str, int], None] | None = None
 
@@ -248,7 +249,12 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="minicpm-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def busy(self) -> bool:
+        return self.num_running > 0 or self.num_waiting > 0
+
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still waiting or running fail with EngineUnavailableError."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
@@ -270,6 +276,8 @@ class Engine:
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         handle = GenerationHandle(next(self._ids), prompt_ids, params)
         with self._cv:
+            if self._stopping:  # died or stopped since the check above
+                raise EngineUnavailableError("the generation engine is not running")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})"
@@ -281,19 +289,30 @@ class Engine:
     # ----------------------------------------------------------------- the loop, engine thread
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                newcomers = self._next_work()
-                if newcomers is None:
-                    return
-                try:
-                    self._raise_injected_fault()
-                    if newcomers:
-                        self._admit(newcomers)
-                    if self._batch is not None:
-                        self._decode_step()
-                except Exception as exc:
-                    self._fail_in_flight(newcomers, exc)
+        try:
+            with torch.inference_mode():
+                while True:
+                    newcomers = self._next_work()
+                    if newcomers is None:
+                        return
+                    self._admitting = newcomers
+                    try:
+                        self._raise_injected_fault()
+                        if newcomers:
+                            self._admit(newcomers)
+                        if self._batch is not None:
+                            self._decode_step()
+                    except Exception as exc:  # every failure must reach the requests
+                        self._fail_in_flight(newcomers, exc)
+                    self._admitting = []
+        except BaseException as exc:
+            log.critical("the generation engine thread died: %s", type(exc).__name__)
+            raise
+        finally:
+            # Whatever ended the loop, nobody may wait forever for an answer.
+            with self._cv:
+                self._stopping = True
+                self._cancel_everything()
 
     def _next_work(self) -> list[GenerationHandle] | None:
         """Block until there is something to do; return the requests to admit now (None = stop)."""
@@ -488,10 +507,15 @@ class Engine:
         self._release_cached_memory()
 
     def _cancel_everything(self) -> None:
-        handles = list(self._waiting) + ([s.handle for s in self._batch.seqs] if self._batch is not None else [])
+        running = [s.handle for s in self._batch.seqs] if self._batch is not None else []
+        handles = list(self._waiting) + running + [h for h in self._admitting if h not in running]
         self._waiting.clear()
         self._batch = None
-        self._emit_all([(h, Failed(EngineUnavailableError("the server is shutting down"))) for h in handles])
+        self._admitting = []
+        error = EngineUnavailableError(
+            "the generation engine stopped (the server is shutting down or failed); retry later"
+        )
+        self._emit_all([(h, Failed(error)) for h in handles])
 
     def _on_idle(self) -> None:
         if self.empty_cache == "idle" and not self._released_since_busy:

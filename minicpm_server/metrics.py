@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Endpoints get their own label value; anything else is "other", so stray paths cannot blow up cardinality.
@@ -39,10 +41,11 @@ class Metrics:
             "minicpm_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
         )
 
-    def watch_engine(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
-        """The gauges read the engine's live counts at scrape time."""
+    def watch_engine(self, running: Callable[[], int], waiting: Callable[[], int], stats: Callable[[], Any]) -> None:
+        """The gauges and engine counters read the engine's live state at scrape time."""
         self.requests_running.set_function(running)
         self.requests_waiting.set_function(waiting)
+        self.registry.register(_EngineCounters(stats))
 
     def observe_request(self, path: str, status: int) -> None:
         endpoint = path if path in KNOWN_ENDPOINTS else "other"
@@ -59,3 +62,17 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounters:
+    """Counters the engine keeps itself (failed steps, cache releases), exposed as they stand."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._stats()
+        yield CounterMetricFamily("minicpm_engine_failures", "Engine steps that failed", value=stats.failures)
+        yield CounterMetricFamily(
+            "minicpm_cache_releases", "Times cached GPU memory was released", value=stats.cache_releases
+        )

@@ -28,6 +28,10 @@ def _no_lone_surrogates(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 
+MAX_STOP_STRINGS = 32
+StopText = Annotated[Text, Field(min_length=1, max_length=1000)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)] | None
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
@@ -57,7 +61,7 @@ class LegacyChatRequest(SamplingFields):
     max_length: int | None = Field(None, ge=1, description="Total tokens, prompt included, as in model.chat.")
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate; wins over max_length.")
     do_sample: bool = Field(True, description="false means greedy decoding.")
-    stop: Text | list[Text] | None = Field(None, description="Stop when any of these strings appears.")
+    stop: Stop = Field(None, description=f"Stop when one of these (up to {MAX_STOP_STRINGS}) appears.")
     stream: bool = Field(False, description="Answer as newline-delimited JSON chunks.")
 
 
@@ -68,8 +72,6 @@ class LegacyChatResponse(BaseModel):
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible
-
-MAX_STOP_STRINGS = 32
 
 
 class TextPart(StrictModel):
@@ -96,7 +98,7 @@ class OpenAIFields(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Text | list[Text] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
+    stop: Stop = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
     n: int = Field(1, ge=1, description="Only 1 is supported.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0; use repetition_penalty.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0; use repetition_penalty.")
@@ -114,8 +116,6 @@ class OpenAIFields(SamplingFields):
             return "logit_bias", "not supported"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "only allowed when stream is true"
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
-            return "stop", f"at most {MAX_STOP_STRINGS} stop strings"
         return None
 
 
@@ -235,11 +235,17 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "unavailable"]
+    status: Literal["ok", "loading", "unavailable", "shutting_down"]
     model: str | None = None
     running: int = 0
     waiting: int = 0
     detail: str | None = None
+
+
+class FaultRequest(StrictModel):
+    kind: Literal["oom", "fatal"] = Field(
+        description="oom: the next step raises CUDA's out-of-memory error; fatal: the engine thread dies."
+    )
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

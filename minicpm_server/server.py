@@ -16,19 +16,22 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minicpm_server.checkpoint import LoadedCheckpoint, StartupError, load_checkpoint
 from minicpm_server.engine import Engine
-from minicpm_server.errors import APIError, install_error_handlers
+from minicpm_server.errors import APIError, error_response, install_error_handlers
 from minicpm_server.metrics import Metrics
 from minicpm_server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    FaultRequest,
     HealthResponse,
     LegacyChatRequest,
     LegacyChatResponse,
@@ -69,6 +72,7 @@ class ModelService:
         self.detail: str | None = None
         self.checkpoint: LoadedCheckpoint | None = None
         self.engine: Engine | None = None
+        self.draining = False
 
     def start_loading(self) -> None:
         threading.Thread(target=self._load, name="minicpm-loader", daemon=True).start()
@@ -89,7 +93,7 @@ class ModelService:
                 seed=s.seed,
             )
             engine.start()
-            self.metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting)
+            self.metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting, lambda: engine.stats)
         except StartupError as exc:
             self._fail(str(exc))
             return
@@ -109,6 +113,8 @@ class ModelService:
 
     def health(self) -> tuple[int, HealthResponse]:
         engine = self.engine
+        if self.draining:
+            return 503, HealthResponse(status="shutting_down", detail="the server is shutting down")
         if self.state == "ready" and engine is not None and engine.alive:
             return 200, HealthResponse(
                 status="ok", model=self.settings.model_name, running=engine.num_running, waiting=engine.num_waiting
@@ -120,6 +126,8 @@ class ModelService:
 
     def require_engine(self) -> Engine:
         engine = self.engine
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         if self.state == "loading":
             raise APIError(
                 503, "the model is still loading; retry shortly", code="loading", headers={"Retry-After": "5"}
@@ -128,9 +136,42 @@ class ModelService:
             raise APIError(503, self.detail or "the generation engine is not running", code="unavailable")
         return engine
 
+    def busy(self) -> bool:
+        return self.engine is not None and self.engine.busy
+
     def stop(self) -> None:
         if self.engine is not None:
             self.engine.stop()
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new work, give in-flight requests `timeout` seconds, then fail what is left (503)."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        log.info("shutting down: waiting up to %g s for in-flight requests", timeout)
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.busy():
+            log.warning("shutdown timeout reached: cancelling the requests still in flight")
+        self.stop()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains in-flight requests before exiting; a second one forces."""
+
+    def __init__(self, config: uvicorn.Config, service: ModelService, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.service = service
+        self.shutdown_timeout = shutdown_timeout
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.service.draining:
+            super().handle_exit(sig, frame)
+            return
+        threading.Thread(target=self._drain_then_exit, name="minicpm-drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        self.service.drain(self.shutdown_timeout)
+        self.should_exit = True
 
 
 # --------------------------------------------------------------------------- request log
@@ -177,6 +218,55 @@ class RequestLogMiddleware:
         log.info("%s", line)
 
 
+class BodyLimitMiddleware:
+    """413 with a JSON error for bodies over the limit, declared (Content-Length) or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+        too_large = False
+        answered = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    too_large = True
+                    return {"type": "http.disconnect"}  # the app stops reading; we answer below
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if too_large:
+                if not answered:
+                    answered = True
+                    await self._refuse(scope, receive, send)
+                return
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+        if too_large and not answered:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(
+            413, f"request body is larger than {self.max_bytes} bytes (--max-body-bytes)", code="body_too_large"
+        )
+        await error_response(error)(scope, receive, send)
+
+
 # --------------------------------------------------------------------------- auth
 
 
@@ -213,14 +303,14 @@ def legacy_routes() -> APIRouter:
     @router.post(
         "/",
         response_model=LegacyChatResponse,
-        responses=error_responses(400, 401, 413, 429, 503),
+        responses={200: {"content": {"application/x-ndjson": {}}}, **error_responses(400, 401, 413, 429, 503, 504)},
         summary="The tutorial's chat endpoint",
     )
     async def legacy_chat(body: LegacyChatRequest, request: Request) -> Any:
         service = _service(request)
         engine = service.require_engine()
         prepared = await prepare_off_loop(prepare_legacy, engine, body)
-        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics)
+        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics, service.settings.request_timeout)
         if body.stream:
             return StreamingResponse(legacy_stream(gen), media_type="application/x-ndjson", headers=STREAM_HEADERS)
         completion = await gen.complete()
@@ -231,7 +321,7 @@ def legacy_routes() -> APIRouter:
 
 def openai_routes() -> APIRouter:
     router = APIRouter(prefix="/v1")
-    errors = error_responses(400, 401, 413, 429, 503)
+    errors = {200: {"content": {"text/event-stream": {}}}, **error_responses(400, 401, 413, 429, 503, 504)}
 
     @router.get("/models", response_model=ModelList, responses=error_responses(401))
     async def list_models(request: Request) -> Any:
@@ -243,7 +333,7 @@ def openai_routes() -> APIRouter:
         service = _service(request)
         engine = service.require_engine()
         prepared = await prepare_off_loop(prepare_chat_completion, engine, body)
-        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics)
+        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics, service.settings.request_timeout)
         model = service.settings.model_name
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -271,7 +361,7 @@ def openai_routes() -> APIRouter:
         service = _service(request)
         engine = service.require_engine()
         prepared = await prepare_off_loop(prepare_completion, engine, body)
-        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics)
+        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics, service.settings.request_timeout)
         model = service.settings.model_name
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -290,6 +380,26 @@ def openai_routes() -> APIRouter:
         }
 
     return router
+
+
+def fault_routes() -> APIRouter:
+    """Testing only (--testing-fault-injection): make the engine fail the way a GPU can."""
+    router = APIRouter()
+
+    @router.post("/debug/fault", status_code=202, responses=error_responses(400, 401, 503))
+    async def inject_fault(body: FaultRequest, request: Request) -> dict[str, str]:
+        engine = _service(request).require_engine()
+        if body.kind == "oom":
+            engine.inject_fault(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)"))
+        else:
+            engine.inject_fault(EngineKilled("injected fatal fault"))
+        return {"status": "armed", "kind": body.kind}
+
+    return router
+
+
+class EngineKilled(BaseException):
+    """Escapes the engine's per-step error handling, so its thread dies (tests of a dead engine)."""
 
 
 def metrics_routes() -> APIRouter:
@@ -345,5 +455,16 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
     app.include_router(legacy_routes(), dependencies=guarded)
     app.include_router(openai_routes(), dependencies=guarded)
     app.include_router(metrics_routes(), dependencies=guarded)
+    if settings.testing_fault_injection:
+        log.warning("fault injection is enabled (POST /debug/fault): for tests only")
+        app.include_router(fault_routes(), dependencies=guarded)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware, metrics=metrics, log_prompts=settings.log_prompts)
     return app

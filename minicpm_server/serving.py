@@ -202,14 +202,37 @@ class TrackedGeneration:
     text_parts: list[str] = field(default_factory=list)
     finished: Finished | None = None
 
+    timeout: float = 0.0  # seconds from `started`; 0 = no deadline
+
     @classmethod
-    def submit(cls, engine: Engine, prepared: PreparedRequest, request: Request, metrics: Metrics) -> TrackedGeneration:
+    def submit(
+        cls, engine: Engine, prepared: PreparedRequest, request: Request, metrics: Metrics, timeout: float = 0.0
+    ) -> TrackedGeneration:
         started = getattr(request.state, "started", None) or time.perf_counter()
-        return cls(engine.submit(prepared.prompt_ids, prepared.params), prepared, request, metrics, started)
+        handle = engine.submit(prepared.prompt_ids, prepared.params)
+        return cls(handle, prepared, request, metrics, started, timeout=timeout)
+
+    async def _next_event(self, events: AsyncIterator[TextDelta | Finished]) -> TextDelta | Finished:
+        if not self.timeout:
+            return await events.__anext__()
+        remaining = self.started + self.timeout - time.perf_counter()
+        try:
+            return await asyncio.wait_for(events.__anext__(), timeout=max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            raise APIError(
+                504,
+                f"the request took longer than {self.timeout:g} s (--request-timeout) and was cancelled",
+                code="timeout",
+            ) from None
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
+        source = self.handle.events()
         try:
-            async for event in self.handle.events():
+            while True:
+                try:
+                    event = await self._next_event(source)
+                except StopAsyncIteration:
+                    return
                 if isinstance(event, TextDelta):
                     if self.first_token_at is None:
                         self.first_token_at = time.perf_counter()
@@ -217,6 +240,8 @@ class TrackedGeneration:
                 else:
                     self._record(event)
                 yield event
+                if isinstance(event, Finished):
+                    return
         finally:
             if self.finished is None:
                 self.handle.cancel()  # the consumer stopped early: free the engine's slot now

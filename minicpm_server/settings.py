@@ -46,6 +46,27 @@ class Settings(BaseSettings):
     api_key: str | None = Field(
         None, description=_env("api_key", "Require 'Authorization: Bearer KEY' on every route but /health.")
     )
+    api_key_file: Path | None = Field(
+        None,
+        description=_env("api_key_file", "Read the API key from this file (keeps it out of ps and shell history)."),
+    )
+    cors_origins: str = Field(
+        "", description=_env("cors_origins", "Comma-separated origins allowed cross-origin, or '*'. Default: none.")
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description=_env("max_body_bytes", "Largest request body; beyond, 413.")
+    )
+    request_timeout: float = Field(
+        600.0,
+        ge=0,
+        description=_env("request_timeout", "Seconds a request may take (0: no limit); beyond, 504 and cancelled."),
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description=_env("shutdown_timeout", "On SIGTERM/SIGINT, seconds in-flight requests may finish.")
+    )
+    testing_fault_injection: bool = Field(
+        False, description=_env("testing_fault_injection", "Testing only: enable POST /debug/fault.")
+    )
     log_prompts: bool = Field(False, description=_env("log_prompts", "Log prompt and answer texts (off: counts only)."))
     empty_cache: Literal["idle", "always", "never"] = Field(
         "idle", description=_env("empty_cache", "When to release PyTorch's cached GPU memory.")
@@ -67,6 +88,10 @@ class Settings(BaseSettings):
         return self.served_model_name or (self.model_path.name or "minicpm")
 
     @property
+    def allowed_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
     def public_interface(self) -> bool:
         return self.host not in LOOPBACK_HOSTS and not self.host.startswith("127.")
 
@@ -74,10 +99,23 @@ class Settings(BaseSettings):
 def parse_settings(argv: list[str]) -> Settings:
     """Settings from the command line and environment; invalid values raise StartupError."""
     try:
-        return Settings(_cli_parse_args=argv)
+        settings = Settings(_cli_parse_args=argv)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'-'.join(str(p) for p in err['loc']).replace('_', '-') or 'settings'}: {err['msg']}"
             for err in exc.errors()
         )
         raise StartupError(f"invalid settings: {problems}") from None
+    if settings.api_key_file is not None:
+        settings = settings.model_copy(update={"api_key": _read_key_file(settings.api_key_file)})
+    return settings
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        key = path.expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"cannot read --api-key-file {path}: {exc}") from None
+    if not key:
+        raise StartupError(f"--api-key-file {path} is empty")
+    return key

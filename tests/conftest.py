@@ -18,6 +18,12 @@ from minicpm_server.tiny import build_tiny_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 
 
+def long_generation(base_url: str, tokens: int, **extra) -> tuple[str, dict]:
+    """URL and body of a request that surely generates `tokens` tokens: a raw completion (chat
+    requests stop at MiniCPM's turn markers, which a random model emits now and then)."""
+    return base_url + "/v1/completions", {"prompt": "long", "max_tokens": tokens, "ignore_eos": True, **extra}
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "MiniCPM-tiny", "tiny", seed=0)

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from minicpm_server.checkpoint import inspect_checkpoint, load_tokenizer
+from tests.conftest import long_generation
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +183,8 @@ def test_parallel_requests_are_batched_and_correct(server, sdk) -> None:
 
 
 def test_abandoned_streams_free_their_slots(server) -> None:
-    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 900, "stream": True, "ignore_eos": True}
-    responses = [requests.post(server.url + "/v1/chat/completions", json=body, stream=True) for _ in range(6)]
+    url, body = long_generation(server.url, 900, stream=True)
+    responses = [requests.post(url, json=body, stream=True) for _ in range(6)]
     for r in responses:
         next(r.iter_lines())
     assert metric(server, "minicpm_requests_running") >= 1
@@ -196,11 +197,11 @@ def test_abandoned_streams_free_their_slots(server) -> None:
 
 
 def test_disconnected_non_stream_request_is_cancelled(server) -> None:
-    body = json.dumps({"prompt": "go", "max_new_tokens": 900, "ignore_eos": True}).encode()
+    body = json.dumps(long_generation(server.url, 900)[1]).encode()
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     sock.sendall(
-        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
         % (len(body), body)
     )
     time.sleep(0.3)
@@ -245,12 +246,12 @@ def test_metrics_exposed(server, sdk) -> None:
 
 def test_queue_overflow_answers_429_fast(start_server, tiny_dir) -> None:
     small = start_server("--model-path", tiny_dir, "--device", "cpu", "--max-batch", "1", "--max-queue", "2")
-    body = {"prompt": "busy", "max_new_tokens": 300, "ignore_eos": True}
+    url, body = long_generation(small.url, 300)
     results: list[tuple[int, float, str | None]] = []
 
     def call() -> None:
         start = time.perf_counter()
-        r = requests.post(small.url, json=body, timeout=120)
+        r = requests.post(url, json=body, timeout=120)
         results.append((r.status_code, time.perf_counter() - start, r.headers.get("Retry-After")))
 
     threads = [threading.Thread(target=call) for _ in range(8)]

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 import client
+from tests.conftest import long_generation
 
 QUESTION = "山东省最高的山是哪座山, 它比黄山高还是矮？差距多少？"
 TIME_FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
@@ -155,7 +156,8 @@ def test_health_answers_quickly_during_generation(server) -> None:
 
     def generate() -> None:
         start = time.perf_counter()
-        requests.post(server.url, json={"prompt": "long", "max_new_tokens": 900, "ignore_eos": True, "stop": []})
+        url, body = long_generation(server.url, 900)
+        requests.post(url, json=body)
         done.append(time.perf_counter() - start)
 
     workers = [threading.Thread(target=generate) for _ in range(4)]

@@ -13,13 +13,15 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minicpm_server.checkpoint import LoadedCheckpoint, StartupError, load_checkpoint
@@ -27,6 +29,9 @@ from minicpm_server.engine import Engine
 from minicpm_server.errors import APIError, error_response, install_error_handlers
 from minicpm_server.metrics import Metrics
 from minicpm_server.protocol import (
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -415,6 +420,47 @@ def metrics_routes() -> APIRouter:
     return router
 
 
+STATIC_DIR = Path(__file__).parent / "static"
+# The page loads only its own files: no inline script, no other origin (no CDN), no framing.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def ui_routes() -> APIRouter:
+    """The chat page (GET / from a browser) and what it needs to know; no API key needed for these."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/")
+    async def chat_page(request: Request) -> Response:
+        if "text/html" not in request.headers.get("accept", ""):
+            raise APIError(405, "GET / serves the chat page to browsers; send questions with POST / (JSON)")
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+    @router.get("/ui/config")
+    async def ui_config(request: Request) -> dict[str, Any]:
+        service = _service(request)
+        checkpoint = service.checkpoint
+        return {
+            "model": service.settings.model_name,
+            "context_window": checkpoint.context_window if checkpoint else None,
+            "auth_required": bool(service.settings.api_key),
+            "defaults": {
+                "temperature": DEFAULT_TEMPERATURE,
+                "top_p": DEFAULT_TOP_P,
+                "repetition_penalty": DEFAULT_REPETITION_PENALTY,
+            },
+        }
+
+    return router
+
+
 def health_routes() -> APIRouter:
     router = APIRouter()
 
@@ -452,6 +498,8 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
     install_error_handlers(app)
     guarded = [Depends(api_key_guard(settings))]
     app.include_router(health_routes())
+    app.include_router(ui_routes())
+    app.mount("/ui", StaticFiles(directory=STATIC_DIR), name="ui")
     app.include_router(legacy_routes(), dependencies=guarded)
     app.include_router(openai_routes(), dependencies=guarded)
     app.include_router(metrics_routes(), dependencies=guarded)

@@ -25,6 +25,19 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return headers
 
 
+def _payload(
+    prompt: str, max_length: int | None, history: list[dict[str, str]] | None, max_new_tokens: int | None
+) -> dict:
+    data: dict = {"prompt": prompt}
+    if max_new_tokens is not None:
+        data["max_new_tokens"] = max_new_tokens
+    elif max_length is not None:
+        data["max_length"] = max_length
+    if history:
+        data["history"] = history
+    return data
+
+
 def get_completion(
     prompt: str,
     url: str = DEFAULT_URL,
@@ -39,13 +52,7 @@ def get_completion(
     max_length counts the prompt too (as model.chat does); max_new_tokens, when given, caps only
     the answer, which suits conversations whose history keeps growing.
     """
-    data: dict = {"prompt": prompt}
-    if max_new_tokens is not None:
-        data["max_new_tokens"] = max_new_tokens
-    elif max_length is not None:
-        data["max_length"] = max_length
-    if history:
-        data["history"] = history
+    data = _payload(prompt, max_length, history, max_new_tokens)
     response = requests.post(url, headers=_headers(api_key), data=json.dumps(data), timeout=timeout)
     if response.status_code != 200:
         raise RuntimeError(f"server answered {response.status_code}: {_error_message(response)}")
@@ -62,13 +69,7 @@ def stream_completion(
     max_new_tokens: int | None = None,
 ) -> Iterator[str]:
     """Like get_completion, but yields the answer piece by piece as the server generates it."""
-    data: dict = {"prompt": prompt, "stream": True}
-    if max_new_tokens is not None:
-        data["max_new_tokens"] = max_new_tokens
-    elif max_length is not None:
-        data["max_length"] = max_length
-    if history:
-        data["history"] = history
+    data = {**_payload(prompt, max_length, history, max_new_tokens), "stream": True}
     with requests.post(url, headers=_headers(api_key), data=json.dumps(data), stream=True, timeout=timeout) as response:
         if response.status_code != 200:
             raise RuntimeError(f"server answered {response.status_code}: {_error_message(response)}")

@@ -31,10 +31,9 @@ import contextlib
 import itertools
 import logging
 import threading
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -185,7 +184,6 @@ class EngineStats:
     prefills: int = 0
     cache_releases: int = 0
     failures: int = 0
-    started_at: float = field(default_factory=time.time)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -228,7 +226,6 @@ class Engine:
         self._pending_fault: BaseException | None = None
         self._admitting: list[GenerationHandle] = []  # taken from the queue, not yet in the batch
         self._released_since_busy = True
-        self.on_finished: Callable[[GenerationHandle, str, int], None] | None = None
 
     # ----------------------------------------------------------------- public, any thread
 
@@ -464,8 +461,6 @@ class Engine:
         for seq in done:
             if seq.finish == "cancelled":
                 self._emit_all([(seq.handle, Finished("cancelled", seq.handle.prompt_tokens, seq.generated))])
-            if self.on_finished is not None:
-                self.on_finished(seq.handle, seq.finish or "", seq.generated)
         if not done:
             return
         keep = [i for i, s in enumerate(batch.seqs) if s.finish is None]
@@ -501,9 +496,6 @@ class Engine:
         self._batch = None
         error = EngineError(_describe_failure(exc))
         self._emit_all([(h, Failed(error)) for h in handles])
-        for h in handles:
-            if self.on_finished is not None:
-                self.on_finished(h, "error", 0)
         self._release_cached_memory()
 
     def _cancel_everything(self) -> None:

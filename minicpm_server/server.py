@@ -42,20 +42,19 @@ from minicpm_server.protocol import (
     LegacyChatResponse,
     ModelCard,
     ModelList,
+    OpenAIFields,
     error_responses,
 )
 from minicpm_server.serving import (
     TrackedGeneration,
-    finish_reason,
     legacy_stream,
-    new_id,
     now_string,
+    openai_answer,
     openai_stream,
     prepare_chat_completion,
     prepare_completion,
     prepare_legacy,
     prepare_off_loop,
-    usage,
 )
 from minicpm_server.settings import Settings
 
@@ -312,16 +311,32 @@ def legacy_routes() -> APIRouter:
         summary="The tutorial's chat endpoint",
     )
     async def legacy_chat(body: LegacyChatRequest, request: Request) -> Any:
-        service = _service(request)
-        engine = service.require_engine()
-        prepared = await prepare_off_loop(prepare_legacy, engine, body)
-        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics, service.settings.request_timeout)
+        _, gen = await _start_generation(request, prepare_legacy, body)
         if body.stream:
             return StreamingResponse(legacy_stream(gen), media_type="application/x-ndjson", headers=STREAM_HEADERS)
         completion = await gen.complete()
         return {"response": completion.text, "status": 200, "time": now_string()}
 
     return router
+
+
+async def _start_generation(request: Request, prepare: Any, body: Any) -> tuple[ModelService, TrackedGeneration]:
+    """Validate against the engine, render and tokenize off the event loop, and submit."""
+    service = _service(request)
+    engine = service.require_engine()
+    prepared = await prepare_off_loop(prepare, engine, body)
+    gen = TrackedGeneration.submit(engine, prepared, request, service.metrics, service.settings.request_timeout)
+    return service, gen
+
+
+async def _openai_generation(request: Request, body: OpenAIFields, prepare: Any, kind: str) -> Any:
+    service, gen = await _start_generation(request, prepare, body)
+    model = service.settings.model_name
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = openai_stream(gen, kind=kind, model=model, include_usage=include_usage)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
+    return openai_answer(kind, await gen.complete(), model)
 
 
 def openai_routes() -> APIRouter:
@@ -335,54 +350,11 @@ def openai_routes() -> APIRouter:
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=errors)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        service = _service(request)
-        engine = service.require_engine()
-        prepared = await prepare_off_loop(prepare_chat_completion, engine, body)
-        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics, service.settings.request_timeout)
-        model = service.settings.model_name
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = openai_stream(gen, kind="chat", model=model, include_usage=include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
-        done = await gen.complete()
-        return {
-            "id": new_id("chatcmpl"),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": done.text},
-                    "finish_reason": finish_reason(done.finish_reason),
-                    "logprobs": None,
-                }
-            ],
-            "usage": usage(done.prompt_tokens, done.completion_tokens),
-        }
+        return await _openai_generation(request, body, prepare_chat_completion, "chat")
 
     @router.post("/completions", response_model=CompletionResponse, responses=errors)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        service = _service(request)
-        engine = service.require_engine()
-        prepared = await prepare_off_loop(prepare_completion, engine, body)
-        gen = TrackedGeneration.submit(engine, prepared, request, service.metrics, service.settings.request_timeout)
-        model = service.settings.model_name
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = openai_stream(gen, kind="completion", model=model, include_usage=include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
-        done = await gen.complete()
-        return {
-            "id": new_id("cmpl"),
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {"index": 0, "text": done.text, "finish_reason": finish_reason(done.finish_reason), "logprobs": None}
-            ],
-            "usage": usage(done.prompt_tokens, done.completion_tokens),
-        }
+        return await _openai_generation(request, body, prepare_completion, "completion")
 
     return router
 

@@ -303,6 +303,23 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def openai_answer(kind: str, done: Completion, model: str) -> dict[str, Any]:
+    """The non-streaming body of /v1/chat/completions (kind "chat") or /v1/completions."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(done.finish_reason), "logprobs": None}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": done.text}
+    else:
+        choice["text"] = done.text
+    return {
+        "id": new_id("chatcmpl" if kind == "chat" else "cmpl"),
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(done.prompt_tokens, done.completion_tokens),
+    }
+
+
 def _sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"

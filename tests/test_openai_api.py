@@ -261,7 +261,8 @@ def test_queue_overflow_answers_429_fast(start_server, tiny_dir) -> None:
         t.join()
     rejected = [r for r in results if r[0] == 429]
     assert len(results) == 8 and {r[0] for r in results} <= {200, 429}
-    assert 1 <= len(rejected) <= 5 and all(r[2] for r in rejected)
+    # The queue's 2 places are always accepted (one more when the engine already took one into its batch).
+    assert 1 <= len(rejected) <= 6 and all(r[2] for r in rejected)
     slowest_ok = max(r[1] for r in results if r[0] == 200)
     assert max(r[1] for r in rejected) < slowest_ok / 2  # refused at once, not after waiting
 

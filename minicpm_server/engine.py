@@ -33,7 +33,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -184,6 +184,7 @@ class EngineStats:
     prefills: int = 0
     cache_releases: int = 0
     failures: int = 0
+    finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("stop", "length", "cancelled"), 0))
 
 
 # --------------------------------------------------------------------------- the engine
@@ -331,7 +332,7 @@ class Engine:
             head = self._waiting[0]
             if head.cancelled:
                 self._waiting.popleft()
-                self._emit_all([(head, Finished("cancelled", head.prompt_tokens, 0))])
+                self._emit_all([(head, self._finished(head, "cancelled", 0))])
                 continue
             if taken and head.prompt_tokens > budget:
                 break
@@ -450,8 +451,12 @@ class Engine:
             events.append((seq.handle, TextDelta(seq.text[seq.emitted : safe], seq.generated)))
             seq.emitted = safe
         if seq.finish:
-            events.append((seq.handle, Finished(seq.finish, seq.handle.prompt_tokens, seq.generated)))
+            events.append((seq.handle, self._finished(seq.handle, seq.finish, seq.generated)))
         return events
+
+    def _finished(self, handle: GenerationHandle, reason: str, generated: int) -> Finished:
+        self.stats.finished[reason] += 1
+        return Finished(reason, handle.prompt_tokens, generated)
 
     def _drop_finished(self) -> None:
         batch = self._batch
@@ -460,7 +465,7 @@ class Engine:
         done = [s for s in batch.seqs if s.finish is not None]
         for seq in done:
             if seq.finish == "cancelled":
-                self._emit_all([(seq.handle, Finished("cancelled", seq.handle.prompt_tokens, seq.generated))])
+                self._emit_all([(seq.handle, self._finished(seq.handle, "cancelled", seq.generated))])
         if not done:
             return
         keep = [i for i, s in enumerate(batch.seqs) if s.finish is None]

@@ -76,3 +76,9 @@ class _EngineCounters:
         yield CounterMetricFamily(
             "minicpm_cache_releases", "Times cached GPU memory was released", value=stats.cache_releases
         )
+        finished = CounterMetricFamily(
+            "minicpm_requests_finished", "Generations ended, by reason (stop, length, cancelled)", labels=["reason"]
+        )
+        for reason, count in stats.finished.items():
+            finished.add_metric([reason], count)
+        yield finished

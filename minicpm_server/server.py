@@ -117,12 +117,12 @@ class ModelService:
 
     def health(self) -> tuple[int, HealthResponse]:
         engine = self.engine
+        running, waiting = (engine.num_running, engine.num_waiting) if engine is not None else (0, 0)
         if self.draining:
-            return 503, HealthResponse(status="shutting_down", detail="the server is shutting down")
+            detail = "the server is shutting down"
+            return 503, HealthResponse(status="shutting_down", detail=detail, running=running, waiting=waiting)
         if self.state == "ready" and engine is not None and engine.alive:
-            return 200, HealthResponse(
-                status="ok", model=self.settings.model_name, running=engine.num_running, waiting=engine.num_waiting
-            )
+            return 200, HealthResponse(status="ok", model=self.settings.model_name, running=running, waiting=waiting)
         if self.state == "loading":
             return 503, HealthResponse(status="loading", detail="the model is loading")
         detail = self.detail or "the generation engine has stopped"

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them. Usage: bash scripts/test.sh [pytest args]
+# (`bash scripts/test.sh -m slow` runs the long soak and the deep fuzz instead of the default suite.)
 # Without a torch already installed, this installs the CPU build first (TORCH_SPEC overrides which),
-# so no CUDA packages are pulled onto a machine that has no GPU.
+# so no CUDA packages are pulled onto a machine that has no GPU. Everything else is installed at the
+# exact versions of constraints.txt, so a fresh clone tests with what CI tested with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  echo "no torch installed: installing ${TORCH_SPEC:-torch==2.13.0} (CPU build)"
-  "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-fi
-"$PY" -m pip install -q -r requirements.txt -r requirements-test.txt
+bash scripts/install.sh --test
 "$PY" -m ruff check .
 "$PY" -m pytest -q "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,24 @@ def long_generation(base_url: str, tokens: int, **extra) -> tuple[str, dict]:
     """URL and body of a request that surely generates `tokens` tokens: a raw completion (chat
     requests stop at MiniCPM's turn markers, which a random model emits now and then)."""
     return base_url + "/v1/completions", {"prompt": "long", "max_tokens": tokens, "ignore_eos": True, **extra}
+
+
+def metric(base_url: str, name: str, labels: str = "") -> float:
+    """One sample from /metrics; `labels` as Prometheus prints them, e.g. 'reason="cancelled"'."""
+    sample = f"{name}{{{labels}}}" if labels else name
+    text = requests.get(base_url + "/metrics", timeout=30).text
+    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_for_metric(base_url: str, name: str, ok, labels: str = "", timeout: float = 120.0) -> float:
+    """Poll until ok(value) holds. The timeout only stops a broken server from hanging the suite:
+    on a busy machine the wait may be long, and no assertion depends on how long it was."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := metric(base_url, name, labels)):
+        assert time.monotonic() < deadline, f"{name}{{{labels}}} stayed at {value}"
+        time.sleep(0.05)
+    return value
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -14,19 +12,13 @@ import pytest
 import requests
 
 from minicpm_server.checkpoint import inspect_checkpoint, load_tokenizer
-from tests.conftest import long_generation
+from minicpm_server.tiny import build_tiny_checkpoint
+from tests.conftest import long_generation, metric, wait_for_metric
 
 
 @pytest.fixture(scope="module")
 def sdk(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-def metric(server, name: str) -> float:
-    text = requests.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
 
 
 def greedy_chat(sdk, content: str, n: int = 20, **extra):
@@ -173,44 +165,45 @@ def test_unsupported_or_bad_requests_raise_bad_request(sdk, extra: dict, param: 
 def test_parallel_requests_are_batched_and_correct(server, sdk) -> None:
     prompts = [f"question number {i} about mountains" for i in range(16)]
     alone = {p: greedy_chat(sdk, p, 16).choices[0].message.content for p in prompts[:4]}
-    steps_before = metric(server, "minicpm_generation_tokens_total")
+    steps_before = metric(server.url, "minicpm_generation_tokens_total")
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda p: greedy_chat(sdk, p, 16), prompts))
     assert all(r.usage.completion_tokens == 16 for r in together)
     for p, r in zip(prompts[:4], together[:4], strict=True):
         assert r.choices[0].message.content == alone[p]  # float32: batching changes nothing
-    assert metric(server, "minicpm_generation_tokens_total") - steps_before == 16 * 16
+    assert metric(server.url, "minicpm_generation_tokens_total") - steps_before == 16 * 16
 
 
 def test_abandoned_streams_free_their_slots(server) -> None:
     url, body = long_generation(server.url, 900, stream=True)
+    cancelled = metric(server.url, "minicpm_requests_finished_total", 'reason="cancelled"')
+    finished_by_length = metric(server.url, "minicpm_requests_finished_total", 'reason="length"')
     responses = [requests.post(url, json=body, stream=True) for _ in range(6)]
-    for r in responses:
-        next(r.iter_lines())
-    assert metric(server, "minicpm_requests_running") >= 1
+    readers = [r.iter_lines() for r in responses]  # held: a dropped iterator closes its connection
+    for lines in readers:
+        next(lines)
+    assert metric(server.url, "minicpm_requests_running") == 6
     for r in responses:
         r.close()
-    deadline = time.monotonic() + 1.0
-    while metric(server, "minicpm_requests_running") > 0:
-        assert time.monotonic() < deadline, "abandoned streams still running after 1 s"
-        time.sleep(0.05)
+    wait_for_metric(server.url, "minicpm_requests_running", lambda v: v == 0)
+    # Freed by cancellation, not by running to the end of their 900 tokens.
+    assert metric(server.url, "minicpm_requests_finished_total", 'reason="cancelled"') == cancelled + 6
+    assert metric(server.url, "minicpm_requests_finished_total", 'reason="length"') == finished_by_length
 
 
 def test_disconnected_non_stream_request_is_cancelled(server) -> None:
     body = json.dumps(long_generation(server.url, 900)[1]).encode()
     host, port = server.url.removeprefix("http://").split(":")
+    cancelled = metric(server.url, "minicpm_requests_finished_total", 'reason="cancelled"')
     sock = socket.create_connection((host, int(port)))
     sock.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
         % (len(body), body)
     )
-    time.sleep(0.3)
-    assert metric(server, "minicpm_requests_running") >= 1
+    wait_for_metric(server.url, "minicpm_requests_running", lambda v: v >= 1)
     sock.close()
-    deadline = time.monotonic() + 1.0
-    while metric(server, "minicpm_requests_running") > 0:
-        assert time.monotonic() < deadline, "a disconnected request kept generating"
-        time.sleep(0.05)
+    wait_for_metric(server.url, "minicpm_requests_finished_total", lambda v: v == cancelled + 1, 'reason="cancelled"')
+    assert metric(server.url, "minicpm_requests_running") == 0
 
 
 def test_chinese_stream_has_no_replacement_characters(server) -> None:
@@ -244,27 +237,29 @@ def test_metrics_exposed(server, sdk) -> None:
     assert 'minicpm_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
 
 
-def test_queue_overflow_answers_429_fast(start_server, tiny_dir) -> None:
-    small = start_server("--model-path", tiny_dir, "--device", "cpu", "--max-batch", "1", "--max-queue", "2")
-    url, body = long_generation(small.url, 300)
-    results: list[tuple[int, float, str | None]] = []
-
-    def call() -> None:
-        start = time.perf_counter()
-        r = requests.post(url, json=body, timeout=120)
-        results.append((r.status_code, time.perf_counter() - start, r.headers.get("Retry-After")))
-
-    threads = [threading.Thread(target=call) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    rejected = [r for r in results if r[0] == 429]
-    assert len(results) == 8 and {r[0] for r in results} <= {200, 429}
-    # The queue's 2 places are always accepted (one more when the engine already took one into its batch).
-    assert 1 <= len(rejected) <= 6 and all(r[2] for r in rejected)
-    slowest_ok = max(r[1] for r in results if r[0] == 200)
-    assert max(r[1] for r in rejected) < slowest_ok / 2  # refused at once, not after waiting
+def test_queue_overflow_answers_429_without_waiting(start_server, tmp_path) -> None:
+    """With the batch and the queue full, the next request is refused at once: its 429 arrives
+    while the queued requests are still waiting for the one that holds the only batch slot."""
+    # A window so long that the slot holder cannot finish before the test cancels it.
+    ckpt = build_tiny_checkpoint(tmp_path / "MiniCPM-long", "tiny", seed=0, max_position_embeddings=65536)
+    small = start_server("--model-path", ckpt, "--device", "cpu", "--max-batch", "1", "--max-queue", "2")
+    url, body = long_generation(small.url, 4)
+    with ThreadPoolExecutor(3) as pool:
+        holder = {**body, "max_tokens": 65000, "stream": True}
+        stream = requests.post(url, json=holder, stream=True, timeout=300)
+        assert stream.status_code == 200
+        lines = stream.iter_lines()  # keep the iterator: dropping it closes the connection
+        next(lines)  # the stream now holds the batch's only slot
+        queued = [pool.submit(requests.post, url, json=body, timeout=300) for _ in range(2)]
+        wait_for_metric(small.url, "minicpm_requests_waiting", lambda v: v == 2)
+        refused = requests.post(url, json=body, timeout=300)
+        still_queued = [not f.done() for f in queued]
+        stream.close()  # cancels the running generation; the queued ones then run
+        results = [f.result() for f in queued]
+    assert refused.status_code == 429, refused.text[:200]
+    assert refused.headers.get("Retry-After") and refused.json()["error"]["code"] == "queue_full"
+    assert still_queued == [True, True]
+    assert [r.status_code for r in results] == [200, 200]
 
 
 def test_client_stream_flag(server) -> None:

@@ -17,6 +17,12 @@ def _demo_cache_dir() -> Path:
     return Path(base) / "minicpm-server"
 
 
+def _real_tokenizer_dir() -> Path | None:
+    """MINICPM_REAL_TOKENIZER: a directory with MiniCPM-2B's own tokenizer.model for the demo model."""
+    found = os.environ.get("MINICPM_REAL_TOKENIZER")
+    return Path(found) if found and (Path(found) / "tokenizer.model").is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     from minicpm_server.checkpoint import StartupError, inspect_checkpoint, resolve_device
     from minicpm_server.settings import parse_settings
@@ -31,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             from minicpm_server.tiny import cached_tiny_checkpoint
 
             log.info("demo mode: preparing the tiny random-weight checkpoint in %s", _demo_cache_dir())
-            path = cached_tiny_checkpoint(_demo_cache_dir(), "tiny", seed=0)
+            path = cached_tiny_checkpoint(_demo_cache_dir(), "tiny", seed=0, tokenizer_from=_real_tokenizer_dir())
             settings = settings.model_copy(
                 update={"model_path": path, "device": "cpu", "dtype": "float32", "served_model_name": "minicpm-demo"}
             )

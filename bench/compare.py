@@ -137,6 +137,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="medium")
     parser.add_argument("--model-path", help="an existing checkpoint instead of a built one")
+    parser.add_argument(
+        "--tokenizer-from", help="build the checkpoint on this directory's tokenizer.model (MiniCPM-2B's real one)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -145,7 +148,9 @@ def main() -> None:
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minicpm-server"
-    model = Path(args.model_path) if args.model_path else cached_tiny_checkpoint(cache, args.size, seed=0)
+    model = Path(args.model_path) if args.model_path else cached_tiny_checkpoint(
+        cache, args.size, seed=0, tokenizer_from=args.tokenizer_from
+    )
     print(f"checkpoint {model}, {args.new_tokens} new tokens per request, device {args.device}", flush=True)
     results = {}
     for kind, port in (("ours", 6201), ("tutorial", 6202)):

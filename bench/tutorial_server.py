@@ -48,7 +48,7 @@ def build_app(model_path: str, device: str) -> FastAPI:
                 top_p=0.8,
                 repetition_penalty=1.02,
             )
-        text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+        text = tokenizer.decode(out[0, len(ids) :].tolist())
         torch_gc()
         return {"response": text, "status": 200, "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
 

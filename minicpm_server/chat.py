@@ -11,8 +11,12 @@ which is what the template's non-user branch does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 USER_TAG = "<用户>"
 AI_TAG = "<AI>"
@@ -34,19 +38,32 @@ def conversation(query: str, history: Sequence[dict[str, str]] = (), role: str =
 
 
 def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    """Render messages with the checkpoint's chat template, or MiniCPM's when it has none."""
+    """Render messages with the checkpoint's chat template, or MiniCPM's when it has none.
+
+    The template comes with the download, so it runs in jinja2's sandbox (as transformers runs
+    chat templates). BOS is the tokenizer's to add: a template that writes it out as text has it
+    removed here, or sentencepiece would encode "<s>" as three ordinary pieces.
+    """
     template = getattr(tokenizer, "chat_template", None) or MINICPM_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(
-        list(messages), chat_template=template, tokenize=False, add_generation_prompt=False
+    text = _compiled(template).render(
+        messages=list(messages),
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        add_generation_prompt=False,
     )
+    return text.removeprefix(tokenizer.bos_token)
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids for a rendered prompt; the tokenizer adds BOS, as in model.chat."""
-    return list(tokenizer(text).input_ids)
+    """Token ids for a rendered prompt, BOS first, as in model.chat."""
+    return tokenizer.encode(text)
 
 
-def cut_at_turn_marker(text: str) -> str:
-    """The text before the first `<AI>` or `<用户>`, or all of it when neither appears."""
-    cuts = [i for i in (text.find(marker) for marker in TURN_MARKERS) if i >= 0]
-    return text[: min(cuts)] if cuts else text
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> jinja2.Template:
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)

@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from minicpm_server.tokenizer import Tokenizer, TokenizerError
+from minicpm_server.tokenizer import load_tokenizer as load_checkpoint_tokenizer
+
 log = logging.getLogger("minicpm_server")
 
 DEFAULT_DOWNLOAD_HINT = (
@@ -57,7 +60,7 @@ class CheckpointFiles:
 @dataclass
 class LoadedCheckpoint:
     model: Any
-    tokenizer: Any
+    tokenizer: Tokenizer
     files: CheckpointFiles
     device: torch.device
     dtype: torch.dtype
@@ -269,22 +272,12 @@ def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(files: CheckpointFiles) -> Any:
-    """The tokenizer, by concrete class: never AutoTokenizer, which may ask on stdin to run code.
-
-    tokenizer.json is loaded as shipped (the exact pipeline model.chat used); a checkpoint with
-    only tokenizer.model is converted from sentencepiece by LlamaTokenizer.
-    """
-    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
-
-    cls = PreTrainedTokenizerFast if (files.path / "tokenizer.json").is_file() else LlamaTokenizer
+def load_tokenizer(files: CheckpointFiles) -> Tokenizer:
+    """sentencepiece on tokenizer.model when there is one, else tokenizer.json (tokenizer.py)."""
     try:
-        tokenizer = cls.from_pretrained(str(files.path), local_files_only=True)
-    except Exception as exc:  # the library raises many types for a corrupt file
-        raise CheckpointError(f"cannot load the tokenizer from {files.path}: {_one_line(exc)}") from None
-    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise CheckpointError(f"the tokenizer in {files.path} has no BOS/EOS tokens; not a MiniCPM tokenizer")
-    return tokenizer
+        return load_checkpoint_tokenizer(files.path)
+    except TokenizerError as exc:
+        raise CheckpointError(f"cannot load the tokenizer from {files.path}: {exc}") from None
 
 
 def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype, attn: str) -> Any:

@@ -24,7 +24,7 @@ class IncrementalDetokenizer:
         self._read = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (often "", for a partial character)."""

@@ -31,6 +31,9 @@ from minicpm_server.chat import MINICPM_CHAT_TEMPLATE
 # unreachable filler pieces (training 122,753 real pieces would take minutes).
 _TRAINED_VOCAB_CAP = 4000
 EXECUTED_MARKER = "REMOTE_CODE_WAS_EXECUTED"
+# Part of cached checkpoints' names: a cache built by an older tiny.py (tokenizer shaped unlike
+# the real one) is not reused.
+TOKENIZER_GENERATION = "-tok2"
 
 
 @dataclass(frozen=True)
@@ -94,64 +97,58 @@ def minicpm_config(size: TinySize, torch_dtype: str) -> dict:
 
 # --------------------------------------------------------------------------- tokenizer
 
+# Shaped like MiniCPM-2B's real tokenizer.model: BPE with byte fallback, no dummy prefix, no
+# whitespace clean-up, digits split, and a few of its 1,086 user-defined pieces (newline, tab,
+# HTML tags, full-width digits and punctuation). `<用户>` and `<AI>` are plain text, as there.
+USER_DEFINED_PIECES = [
+    "\n",
+    "\t",
+    "<p>",
+    "</p>",
+    "<br/>",
+    "<b>",
+    "</b>",
+    "<td>",
+    "</td>",
+    "```",
+    *"０１２３４５６７８９",
+    *"，。！？、：",
+]
+
 
 def _synthetic_corpus(seed: int, lines: int = 4000) -> list[str]:
-    """A deterministic mix of pseudo-English words and common Chinese characters.
+    """A deterministic mix of pseudo-English words, common Chinese characters, chat turns, code and HTML.
 
     Only part of the Chinese range gets its own pieces; the rest is encoded through byte fallback,
     so streamed answers really do contain characters split across several tokens.
     """
     rng = random.Random(seed)
-    onsets = [
-        "b",
-        "c",
-        "d",
-        "f",
-        "g",
-        "h",
-        "j",
-        "k",
-        "l",
-        "m",
-        "n",
-        "p",
-        "r",
-        "s",
-        "t",
-        "v",
-        "w",
-        "y",
-        "z",
-        "ch",
-        "sh",
-        "th",
-    ]
+    onsets = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z", "ch", "sh", "th"]
     vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
     words = ["".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
-    words += [
-        "the",
-        "model",
-        "answers",
-        "what",
-        "is",
-        "mountain",
-        "river",
-        "city",
-        "how",
-        "are",
-        "you",
-        "hello",
-        "world",
-        "code",
-    ]
-    han = [chr(c) for c in range(0x4E00, 0x4E00 + 1500)]
-    punct = ["，", "。", "？", ", ", ". ", "? "]
+    words += ["the", "model", "answers", "what", "is", "mountain", "river", "city", "how", "are", "you", "hello", "world", "code"]
+    han = [chr(c) for c in range(0x4E00, 0x4E00 + 1500)] + list("用户你好山东省最高的是哪座它比黄还矮差距多少")
+    punct = ["，", "。", "？", ", ", ". ", "? ", "\n"]
+
+    def sentence() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(5, 16))) + rng.choice(punct)
+
+    def chinese() -> str:
+        return "".join(rng.choice(han) for _ in range(rng.randint(8, 30))) + rng.choice(punct)
+
     out = []
     for i in range(lines):
-        if i % 3 == 0:
-            out.append("".join(rng.choice(han) for _ in range(rng.randint(8, 30))) + rng.choice(punct))
+        kind = i % 6
+        if kind in (0, 1):
+            out.append(chinese())
+        elif kind == 2:
+            out.append(f"<用户>{chinese()}<AI>{sentence()}")
+        elif kind == 3:
+            out.append(f"def {rng.choice(words)}(x):\n    return x  # {sentence()}\n\tdone")
+        elif kind == 4:
+            out.append(f"<p>{sentence()}</p><br/>  <b>{rng.choice(words)}</b>")
         else:
-            out.append(" ".join(rng.choice(words) for _ in range(rng.randint(5, 16))) + rng.choice(punct))
+            out.append(sentence())
     return out
 
 
@@ -165,7 +162,12 @@ def _train_sentencepiece(vocab_size: int, seed: int) -> bytes:
         vocab_size=vocab_size,
         model_type="bpe",
         byte_fallback=True,
-        user_defined_symbols=["<用户>", "<AI>"],
+        user_defined_symbols=USER_DEFINED_PIECES,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
         unk_id=0,
         bos_id=1,
         eos_id=2,
@@ -194,10 +196,12 @@ def _pad_sentencepiece(model_bytes: bytes, vocab_size: int) -> bytes:
 
 
 def _tokenizer_json(spm_dir: Path, vocab_size: int) -> dict:
-    """Convert the trained model with transformers' own converter, then pad and add BOS.
+    """tokenizer.json as a transformers conversion writes it, padded, with a BOS post-processor.
 
-    The converter's output adds no BOS token; the real download's tokenizer.json does (the
-    chat template leaves BOS to the tokenizer), so we add the same post-processor.
+    transformers' LlamaTokenizer, converting with its defaults, puts "▁" in front of the text and
+    after user-defined pieces: lossy in the same way as the real download's tokenizer.json, so
+    every test exercises the rule that tokenizer.model wins. The converter adds no BOS; the real
+    download's tokenizer.json does (the chat template leaves BOS to the tokenizer), so we add it.
     """
     from transformers import LlamaTokenizer
 
@@ -246,18 +250,34 @@ def _tokenizer_config() -> dict:
     }
 
 
-def write_tokenizer(path: Path, vocab_size: int, seed: int) -> None:
-    trained = _train_sentencepiece(min(vocab_size, _TRAINED_VOCAB_CAP), seed)
-    with tempfile.TemporaryDirectory() as spm_dir:
-        (Path(spm_dir) / "tokenizer.model").write_bytes(trained)
-        # Convert under the same settings (legacy, BOS) the checkpoint declares, so tokenizer.json
-        # and a conversion of tokenizer.model alone tokenize alike.
-        _write_json(Path(spm_dir) / "tokenizer_config.json", _tokenizer_config())
-        tokenizer_json = _tokenizer_json(Path(spm_dir), vocab_size)
-    (path / "tokenizer.model").write_bytes(_pad_sentencepiece(trained, vocab_size))
-    _write_json(path / "tokenizer.json", tokenizer_json)
+def write_tokenizer(path: Path, vocab_size: int, seed: int, *, from_dir: Path | None = None, lossy_json: bool = True) -> int:
+    """Write the tokenizer files; returns the vocabulary size the model must have.
+
+    `from_dir` takes a real `tokenizer.model` (MiniCPM-2B's own) instead of training one; then the
+    vocabulary is that model's size. `lossy_json` False leaves tokenizer.json out.
+    """
+    if from_dir is not None:
+        model_bytes = (Path(from_dir) / "tokenizer.model").read_bytes()
+    else:
+        model_bytes = _pad_sentencepiece(_train_sentencepiece(min(vocab_size, _TRAINED_VOCAB_CAP), seed), vocab_size)
+    (path / "tokenizer.model").write_bytes(model_bytes)
     _write_json(path / "tokenizer_config.json", _tokenizer_config())
     _write_json(path / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    pieces = _piece_count(model_bytes)
+    if lossy_json:
+        with tempfile.TemporaryDirectory() as spm_dir:
+            (Path(spm_dir) / "tokenizer.model").write_bytes(model_bytes)
+            _write_json(Path(spm_dir) / "tokenizer_config.json", _tokenizer_config())
+            _write_json(path / "tokenizer.json", _tokenizer_json(Path(spm_dir), pieces))
+    return pieces
+
+
+def _piece_count(model_bytes: bytes) -> int:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_bytes)
+    return len(proto.pieces)
 
 
 # --------------------------------------------------------------------------- weights
@@ -345,6 +365,8 @@ def build_tiny_checkpoint(
     dtype: torch.dtype = torch.float32,
     weights_format: str = "bin",
     shards: int = 1,
+    tokenizer_from: str | Path | None = None,
+    tokenizer_json: bool = True,
     **overrides: int,
 ) -> Path:
     """Write a random-weight MiniCPM checkpoint directory and return its path.
@@ -352,6 +374,9 @@ def build_tiny_checkpoint(
     `size` is a key of SIZES or a TinySize; keyword overrides replace single fields of it
     (e.g. `max_position_embeddings=256`). `weights_format` is "bin" (pickle, as the real
     download) or "safetensors"; `shards` > 1 writes numbered shards with an index file.
+    `tokenizer_from` is a directory holding a real `tokenizer.model` (MiniCPM-2B's, 122,753
+    pieces) to use instead of a trained one; the vocabulary then follows it. `tokenizer_json`
+    False leaves out the (deliberately lossy) tokenizer.json.
     """
     shape = SIZES[size] if isinstance(size, str) else size
     shape = replace(shape, **overrides) if overrides else shape
@@ -359,26 +384,31 @@ def build_tiny_checkpoint(
         raise ValueError(f"weights_format must be 'bin' or 'safetensors', not {weights_format!r}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    from_dir = Path(tokenizer_from) if tokenizer_from is not None else None
+    vocab = write_tokenizer(out, shape.vocab_size, seed, from_dir=from_dir, lossy_json=tokenizer_json)
+    shape = replace(shape, vocab_size=vocab)
     dtype_name = str(dtype).removeprefix("torch.")
     _write_json(out / "config.json", minicpm_config(shape, dtype_name))
     _write_json(
         out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.36.0"}
     )
-    write_tokenizer(out, shape.vocab_size, seed)
     write_weights(out, random_state_dict(shape, seed, dtype), weights_format, shards)
     for name in ("modeling_minicpm.py", "configuration_minicpm.py"):
         (out / name).write_text(_DECOY_CODE.format(marker=EXECUTED_MARKER), encoding="utf-8")
     return out
 
 
-def cached_tiny_checkpoint(cache_root: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+def cached_tiny_checkpoint(
+    cache_root: str | Path, size: str = "tiny", seed: int = 0, tokenizer_from: str | Path | None = None
+) -> Path:
     """Build once under cache_root and reuse; a half-written build is never reused."""
-    target = Path(cache_root) / f"minicpm-{size}-seed{seed}"
+    tag = "-real-tokenizer" if tokenizer_from is not None else ""
+    target = Path(cache_root) / f"minicpm-{size}-seed{seed}{TOKENIZER_GENERATION}{tag}"
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    build_tiny_checkpoint(staging, size, seed)
+    build_tiny_checkpoint(staging, size, seed, tokenizer_from=tokenizer_from)
     (staging / ".complete").write_text("ok")
     if target.exists():
         shutil.rmtree(target)
@@ -398,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--format", choices=["bin", "safetensors"], default="bin")
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--tokenizer-from", help="directory with a real tokenizer.model to use (MiniCPM-2B's)")
     args = parser.parse_args(argv)
     out = build_tiny_checkpoint(
         args.path,
@@ -406,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=getattr(torch, args.dtype),
         weights_format=args.format,
         shards=args.shards,
+        tokenizer_from=args.tokenizer_from,
     )
     print(out)
 

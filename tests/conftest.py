@@ -48,6 +48,57 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "MiniCPM-tiny", "tiny", seed=0)
 
 
+def real_tokenizer_dir() -> Path | None:
+    """MiniCPM-2B's real tokenizer.model, where this machine has it (CI does): the directory named
+    by MINICPM_REAL_TOKENIZER, which scripts/test.sh points at the team's shared copy."""
+    found = os.environ.get("MINICPM_REAL_TOKENIZER")
+    return Path(found) if found and (Path(found) / "tokenizer.model").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer() -> Path:
+    found = real_tokenizer_dir()
+    if found is None:
+        pytest.skip("MiniCPM-2B's real tokenizer.model is not here (set MINICPM_REAL_TOKENIZER to its directory)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def real_dir(tmp_path_factory: pytest.TempPathFactory, real_tokenizer: Path) -> Path:
+    """A tiny model on MiniCPM-2B's real tokenizer (122,753 pieces), with a lossy tokenizer.json beside it."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "MiniCPM-real-tok", "tiny", seed=3, tokenizer_from=real_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def real_nojson_dir(tmp_path_factory: pytest.TempPathFactory, real_tokenizer: Path) -> Path:
+    """The same with tokenizer.model alone, as older copies of the download ship."""
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "MiniCPM-real-spm",
+        "tiny",
+        seed=3,
+        tokenizer_from=real_tokenizer,
+        tokenizer_json=False,
+    )
+
+
+# Long enough that no generation in a test can run to its end before the test cancels it, on
+# however fast a machine: tests of cancellation, timeouts and shutdown use it.
+LONG_WINDOW = 65536
+HOLD_TOKENS = 60000
+
+
+@pytest.fixture(scope="session")
+def long_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "MiniCPM-long", "tiny", seed=0, max_position_embeddings=LONG_WINDOW
+    )
+
+
+@pytest.fixture(scope="session")
+def long_server(start_server, long_dir: Path) -> ServerProcess:
+    return start_server("--model-path", long_dir, "--device", "cpu", "--max-batch", "16")
+
+
 @pytest.fixture(scope="session")
 def gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Sharded safetensors as well, so this fixture also covers the index-file loading path.

@@ -103,10 +103,22 @@ def chat_prompt(query: str) -> str:
     return "<用户>" + query.strip() + "<AI>"
 
 
-def clean(tokenizer, generated: list[int], eos_id: int) -> str:
-    """model.chat's clean-up: drop EOS, decode, keep the text before the first turn marker."""
+def sentencepiece_of(path: Path):
+    """The checkpoint's tokenizer.model through sentencepiece itself: the tokenization reference."""
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+
+
+def encode(sp, text: str) -> list[int]:
+    """The ids MiniCPM-2B was trained on: BOS, then sentencepiece's encoding."""
+    return [sp.bos_id(), *sp.encode(text)]
+
+
+def clean(sp, generated: list[int], eos_id: int) -> str:
+    """model.chat's clean-up: drop EOS, decode with sentencepiece, keep the text before the first turn marker."""
     if generated and generated[-1] == eos_id:
         generated = generated[:-1]
-    text = tokenizer.decode(generated, skip_special_tokens=True)
+    text = sp.decode(generated)
     match = MARKER.findall(text)
     return match[0] if match else text

@@ -38,22 +38,21 @@ def test_builtin_template_used_when_checkpoint_has_none(tokenizer) -> None:
         tokenizer.chat_template = saved
 
 
-def test_prompt_gets_bos_and_marker_tokens(tokenizer) -> None:
+def test_prompt_gets_bos_and_markers_are_plain_text(tiny_dir, tokenizer) -> None:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_dir / "tokenizer.model"))
     ids = chat.encode_prompt(tokenizer, "<用户>hello<AI>")
-    assert ids[0] == tokenizer.bos_token_id
-    assert tokenizer.convert_ids_to_tokens(ids[1]) == "<用户>"
-    assert tokenizer.convert_ids_to_tokens(ids[-1]) == "<AI>"
+    assert ids[0] == tokenizer.bos_token_id == 1
+    # As in MiniCPM-2B's tokenizer, the turn markers are ordinary text: "<", "用户", ">".
+    assert [sp.id_to_piece(i) for i in ids[1:4]] == ["<", "用户", ">"]
+    assert [sp.id_to_piece(i) for i in ids[-3:]] == ["<", "AI", ">"]
 
 
-@pytest.mark.parametrize(
-    ("raw", "clean"),
-    [
-        ("plain answer", "plain answer"),
-        ("answer<AI>more", "answer"),
-        ("answer<用户>next question<AI>", "answer"),
-        ("a\nb<用户>x<AI>y", "a\nb"),
-        ("<AI>everything after", ""),
-    ],
-)
-def test_cut_at_turn_marker(raw: str, clean: str) -> None:
-    assert chat.cut_at_turn_marker(raw) == clean
+def test_template_that_writes_bos_as_text_does_not_encode_it(tokenizer) -> None:
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = "{{ bos_token }}" + chat.MINICPM_CHAT_TEMPLATE
+    try:
+        assert chat.render_chat(tokenizer, chat.conversation("q")) == "<用户>q<AI>"
+    finally:
+        tokenizer.chat_template = saved

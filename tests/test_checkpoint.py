@@ -123,14 +123,14 @@ def test_checkpoint_code_is_never_executed(tmp_path: Path, tiny_dir: Path) -> No
 
 
 def test_tokenizer_model_only_checkpoint_loads(tmp_path: Path, tiny_dir: Path) -> None:
-    """Older copies ship only the sentencepiece model: it is converted, and encodes the same."""
+    """Older copies ship only the sentencepiece model: the same ids as with tokenizer.json beside it."""
     ckpt = copy_checkpoint(tiny_dir, tmp_path / "spm-only")
     (ckpt / "tokenizer.json").unlink()
     full = load_checkpoint(tiny_dir, device="cpu").tokenizer
     spm = load_checkpoint(ckpt, device="cpu").tokenizer
     text = "<用户>hello 你好 world<AI>"
-    assert spm(text).input_ids == full(text).input_ids
-    assert spm(text).input_ids[0] == 1  # BOS
+    assert spm.encode(text) == full.encode(text)
+    assert spm.encode(text)[0] == 1  # BOS
 
 
 def test_sharded_safetensors_gqa_loads(gqa_dir: Path) -> None:

@@ -12,8 +12,7 @@ import pytest
 import requests
 
 from minicpm_server.checkpoint import inspect_checkpoint, load_tokenizer
-from minicpm_server.tiny import build_tiny_checkpoint
-from tests.conftest import long_generation, metric, wait_for_metric
+from tests.conftest import HOLD_TOKENS, long_generation, metric, wait_for_metric
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ def test_chat_completion_non_stream(sdk, tiny_dir) -> None:
     assert r.object == "chat.completion" and r.model == "MiniCPM-tiny"
     assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
     tokenizer = load_tokenizer(inspect_checkpoint(tiny_dir))
-    assert r.usage.prompt_tokens == len(tokenizer("<用户>你好<AI>").input_ids)
+    assert r.usage.prompt_tokens == len(tokenizer.encode("<用户>你好<AI>"))
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.choices[0].finish_reason in ("stop", "length")
 
@@ -93,7 +92,7 @@ def test_completions_raw_prompt(sdk, tiny_dir) -> None:
     r = sdk.completions.create(model="m", prompt="hello world", temperature=0, extra_body={"ignore_eos": True})
     assert r.object == "text_completion" and r.usage.completion_tokens == 16  # OpenAI's default max_tokens
     tokenizer = load_tokenizer(inspect_checkpoint(tiny_dir))
-    assert r.usage.prompt_tokens == len(tokenizer("hello world").input_ids)  # no chat template
+    assert r.usage.prompt_tokens == len(tokenizer.encode("hello world"))  # no chat template
     chunks = list(
         sdk.completions.create(
             model="m", prompt="hello world", temperature=0, stream=True, extra_body={"ignore_eos": True}
@@ -109,7 +108,7 @@ def test_system_message_is_plain_text_before_the_turn(sdk, tiny_dir) -> None:
         max_tokens=2,
     )
     tokenizer = load_tokenizer(inspect_checkpoint(tiny_dir))
-    assert r.usage.prompt_tokens == len(tokenizer("Be brief.<用户>hi<AI>").input_ids)
+    assert r.usage.prompt_tokens == len(tokenizer.encode("Be brief.<用户>hi<AI>"))
 
 
 def test_stop_strings(sdk) -> None:
@@ -174,8 +173,9 @@ def test_parallel_requests_are_batched_and_correct(server, sdk) -> None:
     assert metric(server.url, "minicpm_generation_tokens_total") - steps_before == 16 * 16
 
 
-def test_abandoned_streams_free_their_slots(server) -> None:
-    url, body = long_generation(server.url, 900, stream=True)
+def test_abandoned_streams_free_their_slots(long_server) -> None:
+    server = long_server
+    url, body = long_generation(server.url, HOLD_TOKENS, stream=True)
     cancelled = metric(server.url, "minicpm_requests_finished_total", 'reason="cancelled"')
     finished_by_length = metric(server.url, "minicpm_requests_finished_total", 'reason="length"')
     responses = [requests.post(url, json=body, stream=True) for _ in range(6)]
@@ -186,13 +186,14 @@ def test_abandoned_streams_free_their_slots(server) -> None:
     for r in responses:
         r.close()
     wait_for_metric(server.url, "minicpm_requests_running", lambda v: v == 0)
-    # Freed by cancellation, not by running to the end of their 900 tokens.
+    # Freed by cancellation, not by running to the end of their tokens.
     assert metric(server.url, "minicpm_requests_finished_total", 'reason="cancelled"') == cancelled + 6
     assert metric(server.url, "minicpm_requests_finished_total", 'reason="length"') == finished_by_length
 
 
-def test_disconnected_non_stream_request_is_cancelled(server) -> None:
-    body = json.dumps(long_generation(server.url, 900)[1]).encode()
+def test_disconnected_non_stream_request_is_cancelled(long_server) -> None:
+    server = long_server
+    body = json.dumps(long_generation(server.url, HOLD_TOKENS)[1]).encode()
     host, port = server.url.removeprefix("http://").split(":")
     cancelled = metric(server.url, "minicpm_requests_finished_total", 'reason="cancelled"')
     sock = socket.create_connection((host, int(port)))
@@ -237,15 +238,13 @@ def test_metrics_exposed(server, sdk) -> None:
     assert 'minicpm_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
 
 
-def test_queue_overflow_answers_429_without_waiting(start_server, tmp_path) -> None:
+def test_queue_overflow_answers_429_without_waiting(start_server, long_dir) -> None:
     """With the batch and the queue full, the next request is refused at once: its 429 arrives
     while the queued requests are still waiting for the one that holds the only batch slot."""
-    # A window so long that the slot holder cannot finish before the test cancels it.
-    ckpt = build_tiny_checkpoint(tmp_path / "MiniCPM-long", "tiny", seed=0, max_position_embeddings=65536)
-    small = start_server("--model-path", ckpt, "--device", "cpu", "--max-batch", "1", "--max-queue", "2")
+    small = start_server("--model-path", long_dir, "--device", "cpu", "--max-batch", "1", "--max-queue", "2")
     url, body = long_generation(small.url, 4)
     with ThreadPoolExecutor(3) as pool:
-        holder = {**body, "max_tokens": 65000, "stream": True}
+        holder = {**body, "max_tokens": HOLD_TOKENS, "stream": True}
         stream = requests.post(url, json=holder, stream=True, timeout=300)
         assert stream.status_code == 200
         lines = stream.iter_lines()  # keep the iterator: dropping it closes the connection

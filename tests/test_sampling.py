@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicpm_server.checkpoint import inspect_checkpoint, load_tokenizer
-from minicpm_server.detokenize import IncrementalDetokenizer
 from minicpm_server.engine import _first_stop, _stop_prefix_overlap
 from minicpm_server.sampling import (
     BatchSampling,
@@ -122,18 +120,3 @@ def test_stop_prefix_overlap_holds_back_partial_stops() -> None:
     assert _stop_prefix_overlap("answer <A", ("<AI>",)) == 2
     assert _stop_prefix_overlap("answer <", ("<AI>", "<用户>")) == 1
     assert _stop_prefix_overlap("answer", ("<AI>",)) == 0
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(inspect_checkpoint(tiny_dir))
-
-
-def test_detokenizer_never_splits_a_character(tokenizer) -> None:
-    text = "泰山海拔1545米，比黄山高 about 300 meters. 龘靐齉"  # rare characters go through byte fallback
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    assert any(tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in ids), "test needs byte-fallback tokens"
-    detok = IncrementalDetokenizer(tokenizer)
-    chunks = [detok.push(i) for i in ids] + [detok.flush()]
-    assert all("\ufffd" not in c for c in chunks)
-    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True) == text

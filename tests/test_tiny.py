@@ -33,12 +33,35 @@ def test_layout_matches_the_download(tiny_dir: Path) -> None:
     assert "<用户>" in tok_config["chat_template"] and tok_config["tokenizer_class"] == "LlamaTokenizer"
 
 
-def test_user_defined_symbols_are_single_tokens(tiny_dir: Path) -> None:
+def test_tokenizer_is_shaped_like_minicpm_2b(tiny_dir: Path) -> None:
+    """The facts of the real tokenizer.model that change ids: no dummy prefix, byte fallback,
+    newline/tab/HTML as user-defined pieces, and the turn markers as plain text."""
     import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString((tiny_dir / "tokenizer.model").read_bytes())
+    assert proto.normalizer_spec.add_dummy_prefix is False
+    assert proto.normalizer_spec.remove_extra_whitespaces is False
+    assert proto.trainer_spec.byte_fallback and proto.trainer_spec.model_type == pb.TrainerSpec.BPE
+    user_defined = {p.piece for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED}
+    assert {"\n", "\t", "<p>", "</p>", "<br/>"} <= user_defined
+    assert not {"<用户>", "<AI>"} & user_defined
 
     sp = spm.SentencePieceProcessor(model_file=str(tiny_dir / "tokenizer.model"))
-    assert sp.piece_to_id("<用户>") == 3 and sp.piece_to_id("<AI>") == 4
     assert sp.get_piece_size() == SIZES["tiny"].vocab_size
+    assert [sp.id_to_piece(i) for i in sp.encode("<用户>")] == ["<", "用户", ">"]
+    assert sp.encode("hi")[0] != sp.encode(" hi")[0]  # no "▁" is put in front of the text
+
+
+def test_tokenizer_json_is_lossy_like_a_transformers_conversion(tiny_dir: Path) -> None:
+    """So that every test exercises the rule that tokenizer.model wins over tokenizer.json."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_dir / "tokenizer.model"))
+    converted = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    assert converted.encode("hello world", add_special_tokens=False).ids != sp.encode("hello world")
 
 
 def test_parameter_counts() -> None:

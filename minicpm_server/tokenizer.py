@@ -1,0 +1,170 @@
+"""MiniCPM-2B's tokenizer, exactly as the model was trained: sentencepiece on `tokenizer.model`.
+
+The rule: a prompt's ids are `[BOS] + sentencepiece.encode(text)`, and an answer's text is
+`sentencepiece.decode(ids)`. MiniCPM-2B's model has `add_dummy_prefix` false (no "▁" in front of
+the text) and makes `\\n`, `\\t` and HTML tags user-defined pieces; `<用户>` and `<AI>` are plain
+text to it. transformers' conversions get this wrong in ways that change the ids (a leading "▁",
+a "▁" after every newline), so when a checkpoint has `tokenizer.model` we run sentencepiece
+itself, whatever `tokenizer.json` says. Measured on the real file (BENCHMARKS.md): sentencepiece
+encodes about 1.9x and decodes short streaming windows about 2x faster than transformers'
+`LlamaTokenizer`, and it treats text like "</s>" in a prompt as text, never as a control token.
+
+Only a checkpoint without `tokenizer.model` is tokenized with its `tokenizer.json`, as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("minicpm_server")
+
+# Strings on which a converted tokenizer.json most often parts ways with sentencepiece: a
+# leading word, text after a newline or a tab, leading spaces, HTML, a turn marker, CJK.
+PROBES = (
+    "hello world",
+    "\nfoo",
+    "a\tb",
+    "  two leading spaces",
+    "<p>para</p>",
+    "<用户>你好<AI>",
+    "山东省最高的山是哪座山？",
+    "x = 1\n    y = 2",
+)
+
+
+class TokenizerError(Exception):
+    """The tokenizer files are missing, unreadable or not a MiniCPM tokenizer."""
+
+
+class Tokenizer(Protocol):
+    """What the server needs of a tokenizer; both implementations below follow it."""
+
+    bos_token: str
+    eos_token: str
+    bos_token_id: int
+    eos_token_id: int
+    chat_template: str | None
+    source: Path  # the file the ids come from
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` with BOS in front, as the model saw its prompts in training."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids; BOS and EOS decode to nothing."""
+        ...
+
+
+class SentencePieceTokenizer:
+    """sentencepiece on the checkpoint's `tokenizer.model`: the reference itself."""
+
+    def __init__(self, model_file: Path, config: dict[str, Any]) -> None:
+        import sentencepiece
+
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as exc:
+            raise TokenizerError(f"cannot read {model_file}: {exc}") from None
+        self.source = model_file
+        self.bos_token_id, self.eos_token_id = self._sp.bos_id(), self._sp.eos_id()
+        if self.bos_token_id < 0 or self.eos_token_id < 0:
+            raise TokenizerError(f"{model_file} has no BOS/EOS pieces; not a MiniCPM tokenizer")
+        self.bos_token = self._sp.id_to_piece(self.bos_token_id)
+        self.eos_token = self._sp.id_to_piece(self.eos_token_id)
+        self.chat_template = config.get("chat_template")
+        self.vocab_size = self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_token_id, *self._sp.encode(text)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+
+class TokenizerJsonTokenizer:
+    """A checkpoint's `tokenizer.json` through the tokenizers library, as shipped."""
+
+    def __init__(self, json_file: Path, config: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._tok = HFTokenizer.from_file(str(json_file))
+        except Exception as exc:  # the library raises its own exception type for a corrupt file
+            raise TokenizerError(f"cannot read {json_file}: {_first_line(exc)}") from None
+        self.source = json_file
+        self.bos_token = _token_text(config.get("bos_token"), "<s>")
+        self.eos_token = _token_text(config.get("eos_token"), "</s>")
+        bos, eos = self._tok.token_to_id(self.bos_token), self._tok.token_to_id(self.eos_token)
+        if bos is None or eos is None:
+            raise TokenizerError(f"{json_file} has no {self.bos_token}/{self.eos_token} tokens; not a MiniCPM tokenizer")
+        self.bos_token_id, self.eos_token_id = bos, eos
+        self.chat_template = config.get("chat_template")
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_token_id, *self._tok.encode(text, add_special_tokens=False).ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    """The checkpoint's tokenizer by the rule above; warns once when tokenizer.json disagrees."""
+    config = _read_config(directory / "tokenizer_config.json")
+    model_file, json_file = directory / "tokenizer.model", directory / "tokenizer.json"
+    if model_file.is_file():
+        tokenizer = SentencePieceTokenizer(model_file, config)
+        if json_file.is_file():
+            warn_if_json_disagrees(tokenizer, json_file, config)
+        return tokenizer
+    if json_file.is_file():
+        return TokenizerJsonTokenizer(json_file, config)
+    raise TokenizerError(f"no tokenizer in {directory}: expected tokenizer.model or tokenizer.json")
+
+
+def warn_if_json_disagrees(reference: SentencePieceTokenizer, json_file: Path, config: dict[str, Any]) -> int:
+    """Log one line when tokenizer.json encodes a probe differently; returns how many did."""
+    try:
+        shipped = TokenizerJsonTokenizer(json_file, config)
+    except TokenizerError as exc:
+        log.warning("ignoring %s (%s); tokenizing with %s", json_file.name, exc, reference.source.name)
+        return len(PROBES)
+    differ = [p for p in PROBES if shipped.encode(p) != reference.encode(p)]
+    if differ:
+        log.warning(
+            "%s tokenizes %d of %d probe strings differently from %s (e.g. %r); using %s, the sentencepiece "
+            "model MiniCPM was trained with",
+            json_file.name,
+            len(differ),
+            len(PROBES),
+            reference.source.name,
+            differ[0],
+            reference.source.name,
+        )
+    return len(differ)
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"cannot read {file}: {exc}") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _token_text(value: Any, default: str) -> str:
+    """tokenizer_config.json spells a special token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else default
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

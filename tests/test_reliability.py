@@ -24,7 +24,7 @@ from schemathesis.checks import (
 )
 
 from minicpm_server.tiny import build_tiny_checkpoint
-from tests.conftest import long_generation, metric, wait_for_metric
+from tests.conftest import HOLD_TOKENS, long_generation, metric, wait_for_metric
 
 SECRET = "PRIVATE-PROMPT-TEXT-9876"
 LEAKS = re.compile(r"Traceback|File \"|/root/|site-packages|\.py\"")
@@ -210,13 +210,13 @@ def test_overload_every_request_answered(start_server, short_dir) -> None:
 
 
 @pytest.fixture(scope="module")
-def fault_server(start_server, tiny_dir):
-    return start_server("--model-path", tiny_dir, "--device", "cpu", "--testing-fault-injection")
+def fault_server(start_server, long_dir):
+    return start_server("--model-path", long_dir, "--device", "cpu", "--testing-fault-injection")
 
 
 def test_out_of_memory_fails_affected_requests_only(fault_server) -> None:
     url = fault_server.url
-    long_url, long_body = long_generation(url, 800)
+    long_url, long_body = long_generation(url, HOLD_TOKENS)
     with ThreadPoolExecutor(3) as pool:
         victims = [pool.submit(requests.post, long_url, json=long_body, timeout=60) for _ in range(3)]
         wait_for_metric(url, "minicpm_requests_running", lambda v: v == 3)
@@ -244,21 +244,21 @@ def test_dead_engine_makes_health_503(start_server, tiny_dir) -> None:
     assert again.status_code == 503  # answered at once, never hanging
 
 
-def test_request_timeout_gives_504_and_cancels(start_server, tiny_dir) -> None:
-    server = start_server("--model-path", tiny_dir, "--device", "cpu", "--request-timeout", "0.5")
-    url, body = long_generation(server.url, 1000)
+def test_request_timeout_gives_504_and_cancels(start_server, long_dir) -> None:
+    server = start_server("--model-path", long_dir, "--device", "cpu", "--request-timeout", "0.5")
+    url, body = long_generation(server.url, HOLD_TOKENS)
     r = requests.post(url, json=body, timeout=300)
     assert r.status_code == 504 and "request-timeout" in r.json()["error"]["message"]
     wait_for_metric(server.url, "minicpm_requests_running", lambda v: v == 0)
-    # Cut short by the deadline, not finished: no generation ran to its 1,000 tokens.
+    # Cut short by the deadline, not finished: no generation ran to its end.
     assert metric(server.url, "minicpm_requests_finished_total", 'reason="cancelled"') == 1
     assert metric(server.url, "minicpm_requests_finished_total", 'reason="length"') == 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_graceful_shutdown_finishes_in_flight(start_server, tiny_dir, sig) -> None:
-    server = start_server("--model-path", tiny_dir, "--device", "cpu", "--shutdown-timeout", "600")
-    url, body = long_generation(server.url, 300)
+def test_graceful_shutdown_finishes_in_flight(start_server, long_dir, sig) -> None:
+    server = start_server("--model-path", long_dir, "--device", "cpu", "--shutdown-timeout", "600")
+    url, body = long_generation(server.url, 3000)
     with ThreadPoolExecutor(2) as pool:
         in_flight = [pool.submit(requests.post, url, json=body, timeout=600) for _ in range(2)]
         wait_for_metric(server.url, "minicpm_requests_running", lambda v: v == 2)
@@ -269,13 +269,13 @@ def test_graceful_shutdown_finishes_in_flight(start_server, tiny_dir, sig) -> No
     assert refused.status_code == 503
     assert draining["running"] == 2  # /health still counts what the drain is waiting for
     assert [r.status_code for r in results] == [200, 200]
-    assert all(r.json()["usage"]["completion_tokens"] == 300 for r in results)
+    assert all(r.json()["usage"]["completion_tokens"] == 3000 for r in results)
     assert server.proc.wait(60) == 0
 
 
-def test_shutdown_timeout_cancels_the_rest(start_server, tiny_dir) -> None:
-    server = start_server("--model-path", tiny_dir, "--device", "cpu", "--shutdown-timeout", "0.5")
-    url, body = long_generation(server.url, 1000)
+def test_shutdown_timeout_cancels_the_rest(start_server, long_dir) -> None:
+    server = start_server("--model-path", long_dir, "--device", "cpu", "--shutdown-timeout", "0.5")
+    url, body = long_generation(server.url, HOLD_TOKENS)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(requests.post, url, json=body, timeout=300)
         wait_for_metric(server.url, "minicpm_requests_running", lambda v: v == 1)

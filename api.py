@@ -24,7 +24,7 @@ def _real_tokenizer_dir() -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minicpm_server.checkpoint import StartupError, inspect_checkpoint, resolve_device
+    from minicpm_server.exceptions import StartupError
     from minicpm_server.settings import parse_settings
 
     log = logging.getLogger("minicpm_server")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
         )
         if settings.demo:
-            from minicpm_server.tiny import cached_tiny_checkpoint
+            from minicpm_server.model.tiny import cached_tiny_checkpoint
 
             log.info("demo mode: preparing the tiny random-weight checkpoint in %s", _demo_cache_dir())
             path = cached_tiny_checkpoint(_demo_cache_dir(), "tiny", seed=0, tokenizer_from=_real_tokenizer_dir())
@@ -43,18 +43,20 @@ def main(argv: list[str] | None = None) -> int:
             )
             log.warning("demo mode: the model has random weights, so its answers are random text")
         # Refuse what can be known before listening, so these failures are one line and exit 2.
-        resolve_device(settings.device)
-        inspect_checkpoint(settings.model_path)
+        from minicpm_server.model.checkpoint import preflight
+
+        checked = preflight(settings.model_path, settings.device)
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return _serve(settings)
+    return _serve(settings, checked)
 
 
-def _serve(settings) -> int:
+def _serve(settings, checked) -> int:
     import uvicorn
 
-    from minicpm_server.server import DrainingServer, create_app
+    from minicpm_server.api.app import create_app
+    from minicpm_server.api.draining import DrainingServer
 
     fatal: list[str] = []
     server: DrainingServer | None = None
@@ -64,7 +66,7 @@ def _serve(settings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=stop_on_fatal)
+    app = create_app(settings, on_fatal=stop_on_fatal, preflight=checked)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, access_log=False, log_config=None, timeout_graceful_shutdown=5
     )

@@ -20,7 +20,7 @@ DEFAULT_CACHE_DIR = "/root/autodl-tmp"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minicpm_server.hub import SOURCES, VARIANTS, DownloadError, download, human_size
+    from minicpm_server.model.hub import SOURCES, VARIANTS, DownloadError, download, human_size
 
     parser = argparse.ArgumentParser(description="Download MiniCPM-2B from ModelScope or Hugging Face.")
     parser.add_argument("--source", choices=sorted(SOURCES), default="modelscope", help="where from (modelscope)")

@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 
 from bench.load import HealthProbe, closed_loop, one_request, streamed_ttft
-from minicpm_server.tiny import cached_tiny_checkpoint
+from minicpm_server.model.tiny import cached_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from minicpm_server.hub import convert_to_bf16_safetensors, converted_dir
-from minicpm_server.tiny import build_tiny_checkpoint
+from minicpm_server.model.hub import convert_to_bf16_safetensors, converted_dir
+from minicpm_server.model.tiny import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 _LOAD = (
-    "import json, sys, time; from minicpm_server.checkpoint import load_checkpoint; t = time.perf_counter(); "
+    "import json, sys, time; from minicpm_server.model.checkpoint import load_checkpoint; t = time.perf_counter(); "
     "c = load_checkpoint(sys.argv[1], device=sys.argv[2], dtype='bfloat16'); "
     "print(json.dumps({'seconds': time.perf_counter() - t}))"
 )

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from minicpm_server.detokenize import IncrementalDetokenizer
-from minicpm_server.tiny import write_tokenizer
-from minicpm_server.tokenizer import load_tokenizer
+from minicpm_server.engine.detokenize import IncrementalDetokenizer
+from minicpm_server.model.tiny import write_tokenizer
+from minicpm_server.model.tokenizer import load_tokenizer
 
 TEXT = (
     "山东省最高的山是哪座山, 它比黄山高还是矮？差距多少？泰山位于山东省泰安市，主峰玉皇顶海拔1545米。\n"

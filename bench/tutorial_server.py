@@ -18,8 +18,8 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 
-from minicpm_server import chat
-from minicpm_server.checkpoint import load_checkpoint
+from minicpm_server.model import chat
+from minicpm_server.model.checkpoint import load_checkpoint
 
 
 def build_app(model_path: str, device: str) -> FastAPI:

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from minicpm_server.checkpoint import StartupError
+from minicpm_server.exceptions import StartupError
 
 DEFAULT_MODEL_PATH = Path("/root/autodl-tmp/OpenBMB/MiniCPM-2B-sft-fp32")
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -28,6 +28,7 @@ class Settings(BaseSettings):
         cli_prog_name="api.py",
         cli_kebab_case=True,
         cli_implicit_flags=True,
+        cli_hide_none_type=True,
         cli_exit_on_error=True,
         extra="ignore",
     )
@@ -50,8 +51,8 @@ class Settings(BaseSettings):
         None,
         description=_env("api_key_file", "Read the API key from this file (keeps it out of ps and shell history)."),
     )
-    cors_origins: str = Field(
-        "", description=_env("cors_origins", "Comma-separated origins allowed cross-origin, or '*'. Default: none.")
+    cors_origins: str | None = Field(
+        None, description=_env("cors_origins", "Comma-separated origins allowed cross-origin, or '*'.")
     )
     max_body_bytes: int = Field(
         1_048_576, ge=1024, description=_env("max_body_bytes", "Largest request body; beyond, 413.")
@@ -89,7 +90,7 @@ class Settings(BaseSettings):
 
     @property
     def allowed_origins(self) -> list[str]:
-        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 
     @property
     def public_interface(self) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from minicpm_server.tiny import build_tiny_checkpoint
+from minicpm_server.model.tiny import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from minicpm_server import chat
-from minicpm_server.checkpoint import inspect_checkpoint, load_tokenizer
+from minicpm_server.model import chat
+from minicpm_server.model.checkpoint import inspect_checkpoint, load_tokenizer
 
 
 @pytest.fixture(scope="module")

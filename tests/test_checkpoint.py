@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicpm_server.checkpoint import CheckpointError, granite_config, inspect_checkpoint, load_checkpoint
-from minicpm_server.tiny import EXECUTED_MARKER
+from minicpm_server.model.checkpoint import CheckpointError, granite_config, inspect_checkpoint, load_checkpoint
+from minicpm_server.model.tiny import EXECUTED_MARKER
 from tests.conftest import REPO
 
 

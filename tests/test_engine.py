@@ -7,10 +7,20 @@ import asyncio
 import pytest
 import torch
 
-from minicpm_server import chat
-from minicpm_server.checkpoint import load_checkpoint
-from minicpm_server.engine import ContextOverflowError, Engine, EngineError, QueueFullError
-from minicpm_server.sampling import SamplingParams
+from minicpm_server.engine.native.engine import NativeEngine
+from minicpm_server.engine.protocol import (
+    Completion,
+    ContextOverflowError,
+    EngineError,
+    GenerationRequest,
+    QueueFullError,
+    SamplingParams,
+    TextDelta,
+    check_fits,
+)
+from minicpm_server.model import chat
+from minicpm_server.model.checkpoint import load_checkpoint
+from tests.conftest import HOLD_TOKENS
 
 PROMPTS = ["hello there", "你好，山东省最高的山是哪座山？", "what is the river city of code " * 6, "x"]
 
@@ -20,13 +30,19 @@ def loaded(tiny_dir):
     return load_checkpoint(tiny_dir, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def long_loaded(long_dir):
+    """A window so long that a generation cannot end before the test acts on it."""
+    return load_checkpoint(long_dir, device="cpu", dtype="float32")
+
+
 def ids_for(loaded, prompt: str) -> list[int]:
     return chat.encode_prompt(loaded.tokenizer, chat.render_chat(loaded.tokenizer, chat.conversation(prompt)))
 
 
 def run(loaded, coro_fn, **engine_kwargs):
     async def main():
-        engine = Engine(
+        engine = NativeEngine(
             loaded.model, loaded.tokenizer, context_window=loaded.context_window, eos_token_id=2, **engine_kwargs
         )
         engine.start()
@@ -42,13 +58,36 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True)
 
 
+def submit(engine, loaded, prompt: str, params: SamplingParams):
+    return engine.submit(GenerationRequest(ids_for(loaded, prompt), params))
+
+
+async def result(handle) -> Completion:
+    parts = []
+    async for event in handle.events():
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            return Completion("".join(parts), event.reason, event.prompt_tokens, event.completion_tokens)
+    raise AssertionError("the events ended without Finished")
+
+
+async def until_running(engine, n: int) -> None:
+    """Wait for the engine's state, not for time: the timeout only stops a broken engine hanging the suite."""
+    for _ in range(12000):
+        if engine.stats.running == n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {n} running")
+
+
 def test_batched_greedy_equals_alone_and_generate(loaded) -> None:
     async def body(engine):
-        alone = [(await engine.submit(ids_for(loaded, p), greedy(30)).result()).text for p in PROMPTS]
-        together = await asyncio.gather(*(engine.submit(ids_for(loaded, p), greedy(30)).result() for p in PROMPTS))
+        alone = [(await result(submit(engine, loaded, p, greedy(30)))).text for p in PROMPTS]
+        together = await asyncio.gather(*(result(submit(engine, loaded, p, greedy(30))) for p in PROMPTS))
         staggered = []
         for p in PROMPTS:  # each joins a batch that is already decoding
-            staggered.append(asyncio.ensure_future(engine.submit(ids_for(loaded, p), greedy(30)).result()))
+            staggered.append(asyncio.ensure_future(result(submit(engine, loaded, p, greedy(30)))))
             await asyncio.sleep(0.01)
         return alone, [c.text for c in together], [c.text for c in await asyncio.gather(*staggered)]
 
@@ -60,56 +99,64 @@ def test_batched_greedy_equals_alone_and_generate(loaded) -> None:
         assert text == loaded.tokenizer.decode(out[0, len(ids) :].tolist())
 
 
-def test_cancelled_requests_leave_the_batch(loaded) -> None:
+def test_cancelled_requests_leave_the_batch(long_loaded) -> None:
     async def body(engine):
-        handles = [engine.submit(ids_for(loaded, "long"), greedy(800)) for _ in range(3)]
-        await asyncio.sleep(0.2)
-        assert engine.num_running == 3
+        handles = [submit(engine, long_loaded, "long", greedy(HOLD_TOKENS)) for _ in range(3)]
+        await until_running(engine, 3)
         for h in handles:
             h.cancel()
-        reasons = [(await h.result()).finish_reason for h in handles]
-        await asyncio.sleep(0.05)
-        return reasons, engine.num_running
+        reasons = [(await result(h)).finish_reason for h in handles]
+        await until_running(engine, 0)
+        return reasons, engine.stats.finished
 
-    reasons, running = run(loaded, body)
-    assert reasons == ["cancelled"] * 3 and running == 0
+    reasons, finished = run(long_loaded, body)
+    assert reasons == ["cancelled"] * 3 and finished["cancelled"] == 3 and finished["length"] == 0
 
 
-def test_queue_bound_and_context_window(loaded) -> None:
+def test_queue_bound_and_context_window(long_loaded) -> None:
     async def body(engine):
-        engine.submit(ids_for(loaded, "a"), greedy(500))
-        await asyncio.sleep(0.1)  # now running; the next two wait
-        engine.submit(ids_for(loaded, "b"), greedy(5))
-        engine.submit(ids_for(loaded, "c"), greedy(5))
+        submit(engine, long_loaded, "a", greedy(HOLD_TOKENS))
+        await until_running(engine, 1)  # the next two wait
+        submit(engine, long_loaded, "b", greedy(5))
+        submit(engine, long_loaded, "c", greedy(5))
         with pytest.raises(QueueFullError):
-            engine.submit(ids_for(loaded, "d"), greedy(5))
-        with pytest.raises(ContextOverflowError):
-            engine.check_fits(10, loaded.context_window)
+            submit(engine, long_loaded, "d", greedy(5))
+        too_long = GenerationRequest([1] * 10, greedy(long_loaded.context_window), "max_new_tokens")
+        with pytest.raises(ContextOverflowError, match="max_new_tokens is too large") as overflow:
+            engine.submit(too_long)
+        assert overflow.value.field == "max_new_tokens"
         return True
 
-    assert run(loaded, body, max_batch=1, max_queue=2)
+    assert run(long_loaded, body, max_batch=1, max_queue=2)
 
 
-def test_engine_failure_fails_requests_and_recovers(loaded) -> None:
+def test_context_rule_names_the_prompt_when_it_alone_fills_the_window() -> None:
+    with pytest.raises(ContextOverflowError) as overflow:
+        check_fits(GenerationRequest([1] * 64, greedy(1), "max_length"), 64)
+    assert overflow.value.field == "prompt" and "the prompt is 64 tokens" in str(overflow.value)
+    check_fits(GenerationRequest([1] * 60, greedy(4), "max_length"), 64)  # exactly fits
+
+
+def test_engine_failure_fails_requests_and_recovers(long_loaded) -> None:
     async def body(engine):
-        first = engine.submit(ids_for(loaded, "a"), greedy(200))
-        await asyncio.sleep(0.1)
-        engine.inject_fault(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        first = submit(engine, long_loaded, "a", greedy(HOLD_TOKENS))
+        await until_running(engine, 1)
+        engine.inject_fault("oom")
         with pytest.raises(EngineError, match="out of memory"):
-            await first.result()
-        after = await engine.submit(ids_for(loaded, "b"), greedy(5)).result()
-        return after, engine.stats.cache_releases
+            await result(first)
+        after = await result(submit(engine, long_loaded, "b", greedy(5)))
+        return after, engine.stats
 
-    after, releases = run(loaded, body)
-    assert after.completion_tokens == 5 and releases >= 1
+    after, stats = run(long_loaded, body)
+    assert after.completion_tokens == 5 and stats.cache_releases >= 1 and stats.failures == 1
 
 
 def test_stop_strings_end_the_answer(loaded) -> None:
     async def body(engine):
-        full = (await engine.submit(ids_for(loaded, "a"), greedy(40)).result()).text
+        full = (await result(submit(engine, loaded, "a", greedy(40)))).text
         stop = full[10:13]
         params = SamplingParams(max_new_tokens=40, do_sample=False, ignore_eos=True, stop=(stop,))
-        cut = await engine.submit(ids_for(loaded, "a"), params).result()
+        cut = await result(submit(engine, loaded, "a", params))
         return full, stop, cut
 
     full, stop, cut = run(loaded, body)

@@ -6,7 +6,7 @@ import pytest
 import requests
 import torch
 
-from minicpm_server.checkpoint import load_checkpoint
+from minicpm_server.model.checkpoint import load_checkpoint
 from tests import reference
 
 PROMPTS = ["你好，山东省最高的山是哪座山?", "what is the river city", "x"]

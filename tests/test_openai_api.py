@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from minicpm_server.checkpoint import inspect_checkpoint, load_tokenizer
+from minicpm_server.model.checkpoint import inspect_checkpoint, load_tokenizer
 from tests.conftest import HOLD_TOKENS, long_generation, metric, wait_for_metric
 
 
@@ -83,9 +83,10 @@ def test_max_completion_tokens_and_finish_length(sdk) -> None:
         model="m",
         messages=[{"role": "user", "content": "a"}],
         max_completion_tokens=7,
+        temperature=0,
         extra_body={"ignore_eos": True, "stop": []},
     )
-    assert r.usage.completion_tokens <= 7
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
 
 
 def test_completions_raw_prompt(sdk, tiny_dir) -> None:

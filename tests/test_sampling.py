@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicpm_server.engine import _first_stop, _stop_prefix_overlap
-from minicpm_server.sampling import (
+from minicpm_server.engine.native.sampling import (
     BatchSampling,
-    SamplingParams,
     apply_repetition_penalty,
     candidate_weights,
     sample_next_tokens,
 )
+from minicpm_server.engine.protocol import SamplingParams
+from minicpm_server.engine.stops import first_stop, stop_prefix_overlap
 
 
 def batch(*params: SamplingParams, seeds: list[int | None] | None = None) -> BatchSampling:
@@ -112,11 +112,11 @@ def test_seeded_rows_do_not_depend_on_their_neighbours() -> None:
         ("aaa", (), 0, None),
     ],
 )
-def test_first_stop(text: str, stops: tuple[str, ...], emitted: int, expected: int | None) -> None:
-    assert _first_stop(text, stops, emitted) == expected
+def testfirst_stop(text: str, stops: tuple[str, ...], emitted: int, expected: int | None) -> None:
+    assert first_stop(text, stops, emitted) == expected
 
 
 def test_stop_prefix_overlap_holds_back_partial_stops() -> None:
-    assert _stop_prefix_overlap("answer <A", ("<AI>",)) == 2
-    assert _stop_prefix_overlap("answer <", ("<AI>", "<用户>")) == 1
-    assert _stop_prefix_overlap("answer", ("<AI>",)) == 0
+    assert stop_prefix_overlap("answer <A", ("<AI>",)) == 2
+    assert stop_prefix_overlap("answer <", ("<AI>", "<用户>")) == 1
+    assert stop_prefix_overlap("answer", ("<AI>",)) == 0

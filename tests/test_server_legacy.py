@@ -41,7 +41,14 @@ def test_tutorial_requests_client(server) -> None:
     assert "<AI>" not in text and "<用户>" not in text
 
 
+def post_lines(server) -> list[tuple[int, int]]:
+    """(prompt_tokens, completion_tokens) of each successful POST / in the server's log."""
+    found = re.findall(r"POST / status=200 prompt_tokens=(\d+) completion_tokens=(\d+)", server.log())
+    return [(int(p), int(c)) for p, c in found]
+
+
 def test_client_cli_one_question(server) -> None:
+    before = len(post_lines(server))
     out = subprocess.run(
         ["python", "client.py", "--url", server.url, "--max-length", "80", "hello"],
         capture_output=True,
@@ -49,6 +56,9 @@ def test_client_cli_one_question(server) -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith("\n") and "error" not in out.stdout.lower()
+    [(prompt_tokens, completion_tokens)] = post_lines(server)[before:]
+    assert prompt_tokens + completion_tokens <= 80  # --max-length counts the prompt, as in model.chat
 
 
 def test_client_interactive_mode_sends_history(server) -> None:
@@ -61,6 +71,9 @@ def test_client_interactive_mode_sends_history(server) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("MiniCPM>") == 2
+    (first_prompt, first_answer), (second_prompt, _) = post_lines(server)[-2:]
+    # The second prompt carries the first turn (question and answer) as history.
+    assert second_prompt > first_prompt + first_answer // 2
 
 
 def test_history_changes_the_prompt(server) -> None:
@@ -195,4 +208,6 @@ def test_api_key_required_except_health(start_server, tiny_dir) -> None:
     assert missing.status_code == 401 and wrong.status_code == 401
     assert missing.json()["error"]["code"] == "invalid_api_key"
     assert right.status_code == 200
-    assert client.get_completion("a", url=secured.url, max_length=20, api_key="s3cret") is not None
+    answer = client.get_completion("a", url=secured.url, max_length=20, api_key="s3cret")
+    assert isinstance(answer, str) and "<AI>" not in answer
+    assert secured.log().count("POST / status=200") == 2  # `right`, then the client with the key

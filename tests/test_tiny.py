@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from minicpm_server.tiny import SIZES, build_tiny_checkpoint, random_state_dict
+from minicpm_server.model.tiny import SIZES, build_tiny_checkpoint, random_state_dict
 
 
 def test_layout_matches_the_download(tiny_dir: Path) -> None:

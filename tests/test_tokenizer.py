@@ -16,9 +16,9 @@ import sentencepiece
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minicpm_server import chat
-from minicpm_server.detokenize import IncrementalDetokenizer
-from minicpm_server.tokenizer import SentencePieceTokenizer, TokenizerJsonTokenizer, load_tokenizer
+from minicpm_server.engine.detokenize import IncrementalDetokenizer
+from minicpm_server.model import chat
+from minicpm_server.model.tokenizer import SentencePieceTokenizer, TokenizerJsonTokenizer, load_tokenizer
 from tests import reference
 
 CORPUS = [

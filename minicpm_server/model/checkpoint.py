@@ -3,7 +3,7 @@
 No transformers release has a MiniCPM class, and the download's remote code no longer runs on
 current transformers (and would run code shipped with a download). MiniCPM's forward pass is
 exactly transformers' Granite architecture with four scalars set from MiniCPM's config
-(DESIGN.md section 2), so we build `GraniteForCausalLM` from our own config object and let
+(`granite_config` below; docs/architecture.md has the mapping), so we build `GraniteForCausalLM` from our own config object and let
 `from_pretrained` read the weights. Passing the config explicitly means config.json's
 `auto_map` is never consulted, and we never pass `trust_remote_code`.
 """
@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
-from minicpm_server.tokenizer import Tokenizer, TokenizerError
-from minicpm_server.tokenizer import load_tokenizer as load_checkpoint_tokenizer
+from minicpm_server.exceptions import StartupError
+from minicpm_server.exceptions import one_line as _one_line
+from minicpm_server.model.tokenizer import Tokenizer, TokenizerError
+from minicpm_server.model.tokenizer import load_tokenizer as load_checkpoint_tokenizer
 
 log = logging.getLogger("minicpm_server")
 
@@ -40,10 +42,6 @@ _REQUIRED_FIELDS = (
     "dim_model_base",
     "scale_depth",
 )
-
-
-class StartupError(Exception):
-    """A problem that stops the server from starting; its message is one line for the user."""
 
 
 class CheckpointError(StartupError):
@@ -65,7 +63,6 @@ class LoadedCheckpoint:
     device: torch.device
     dtype: torch.dtype
     attn_implementation: str
-    load_seconds: float
 
     @property
     def context_window(self) -> int:
@@ -210,7 +207,12 @@ def _shards_from_index(index: Path) -> tuple[Path, ...]:
 
 
 def granite_config(config: dict[str, Any]) -> Any:
-    """MiniCPM config -> the GraniteConfig with the same forward pass (DESIGN.md section 2)."""
+    """MiniCPM config -> the GraniteConfig with the same forward pass.
+
+    embedding_multiplier = scale_emb, residual_multiplier = scale_depth / sqrt(layers),
+    logits_scaling = hidden_size / dim_model_base, attention_multiplier = 1 / sqrt(head_dim)
+    (Granite's default 1.0 would be wrong), and a tied head (Granite defaults to untied).
+    """
     from transformers import GraniteConfig
 
     hidden = int(config["hidden_size"])
@@ -308,20 +310,30 @@ def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype,
     return model
 
 
-def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedCheckpoint:
+@dataclass(frozen=True)
+class Preflight:
+    """What is checked before the server listens, so a bad path or device fails in one line."""
+
+    files: CheckpointFiles
+    device: torch.device
+
+
+def preflight(path: str | Path, device: str = "auto") -> Preflight:
+    return Preflight(inspect_checkpoint(path), resolve_device(device))
+
+
+def load_checkpoint(
+    path: str | Path, device: str = "auto", dtype: str = "auto", *, checked: Preflight | None = None
+) -> LoadedCheckpoint:
+    """Load the model and tokenizer; `checked` (from preflight) skips the checks already made."""
     start = time.perf_counter()
-    files = inspect_checkpoint(path)
-    torch_device = resolve_device(device)
+    checked = checked or preflight(path, device)
+    files, torch_device = checked.files, checked.device
     torch_dtype = resolve_dtype(dtype, torch_device)
     attn = attention_implementation(torch_device, torch_dtype)
     tokenizer = load_tokenizer(files)
     model = load_model(files, torch_device, torch_dtype, attn)
     seconds = time.perf_counter() - start
     log.info("loaded %s on %s as %s (%s attention) in %.1f s", files.path, torch_device, torch_dtype, attn, seconds)
-    return LoadedCheckpoint(model, tokenizer, files, torch_device, torch_dtype, attn, seconds)
+    return LoadedCheckpoint(model, tokenizer, files, torch_device, torch_dtype, attn)
 
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first[:300]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from minicpm_server.chat import MINICPM_CHAT_TEMPLATE
+from minicpm_server.model.chat import MINICPM_CHAT_TEMPLATE
 
 # The tokenizer is trained on at most this many pieces; larger vocabularies are padded with
 # unreachable filler pieces (training 122,753 real pieces would take minutes).

@@ -1,9 +1,9 @@
 """The generation engine: continuous batching over one transformers model, on its own thread.
 
-Design, chosen by measurement (DESIGN.md section 4, BENCHMARKS.md): on the CPU probe a plain
-batched forward over all running sequences ran 2.6x faster than transformers' own continuous
-batching manager, which also cannot apply a repetition penalty per request (the tutorial's
-defaults need one). So the engine drives the model itself:
+Design, chosen by measurement (BENCHMARKS.md): on a 2-core CPU probe (16 requests of 48 tokens on
+a 25M-parameter MiniCPM-shaped model) a plain batched forward over all running sequences ran 2.6x
+faster than transformers' own continuous batching manager, which also cannot apply a repetition
+penalty per request (the tutorial's defaults need one). So the engine drives the model itself:
 
 * One thread owns the model. Every iteration it admits waiting requests (up to `max_batch`
   running sequences), prefills the newcomers together, joins them to the running batch, and then
@@ -16,8 +16,9 @@ defaults need one). So the engine drives the model itself:
   a private random generator for requests that give a seed.
 * Text leaves through an incremental detokenizer that never splits a UTF-8 character; stop
   strings are held back while they might still be forming.
-* Requests reach the engine from the event loop through `submit`, which returns a handle whose
-  events arrive on that loop's queue. Cancelling a handle frees its row before the next step.
+* Requests reach the engine from the event loop through `submit` (the Engine protocol of
+  engine/protocol.py), which returns a handle whose events arrive on that loop's queue.
+  Cancelling a handle frees its row before the next step.
 * Any exception inside a step fails the requests in flight (EngineError, which the server maps
   to 503), drops the batch, releases cached GPU memory, and the loop carries on.
 
@@ -33,60 +34,40 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from minicpm_server.detokenize import IncrementalDetokenizer
-from minicpm_server.kvcache import GrowableCache
-from minicpm_server.sampling import BatchSampling, SamplingParams, sample_next_tokens
+from minicpm_server.engine.detokenize import IncrementalDetokenizer
+from minicpm_server.engine.native.kvcache import GrowableCache
+from minicpm_server.engine.native.rows import RowState
+from minicpm_server.engine.native.sampling import BatchSampling, sample_next_tokens
+from minicpm_server.engine.protocol import (
+    EngineError,
+    EngineStats,
+    EngineUnavailableError,
+    FaultKind,
+    Finished,
+    GenerationRequest,
+    QueueFullError,
+    SamplingParams,
+    TextDelta,
+    check_fits,
+)
+from minicpm_server.engine.stops import first_stop, stop_prefix_overlap
+from minicpm_server.exceptions import one_line
+from minicpm_server.model.tokenizer import Tokenizer
 
-log = logging.getLogger("minicpm_server.engine")
+log = logging.getLogger("minicpm_server.engine.native.engine")
 
 
-class EngineError(Exception):
-    """Generation failed inside the engine (out of memory, say); the request may be retried."""
-
-
-class QueueFullError(Exception):
-    """More requests are waiting than --max-queue allows."""
-
-
-class EngineUnavailableError(Exception):
-    """The engine is not running (still loading, shutting down, or its thread died)."""
-
-
-class ContextOverflowError(ValueError):
-    """The prompt plus the requested tokens do not fit in the model's context window."""
-
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_window: int) -> None:
-        self.prompt_tokens, self.max_new_tokens, self.context_window = prompt_tokens, max_new_tokens, context_window
-        if prompt_tokens >= context_window:
-            msg = f"the prompt is {prompt_tokens} tokens; the context window is {context_window} tokens"
-        else:
-            msg = (
-                f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens exceeds the context "
-                f"window of {context_window} tokens; ask for at most {context_window - prompt_tokens} new tokens"
-            )
-        super().__init__(msg)
+class EngineKilled(BaseException):
+    """Escapes the per-step error handling, so the engine thread dies (tests of a dead engine)."""
 
 
 # --------------------------------------------------------------------------- events
-
-
-@dataclass
-class TextDelta:
-    text: str
-    completion_tokens: int
-
-
-@dataclass
-class Finished:
-    reason: str  # "stop" (EOS or a stop string), "length", or "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @dataclass
@@ -97,21 +78,13 @@ class Failed:
 Event = TextDelta | Finished | Failed
 
 
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
 class GenerationHandle:
     """The caller's side of one request: its events, on the event loop that submitted it."""
 
-    def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, request_id: int, request: GenerationRequest) -> None:
         self.id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
+        self.prompt_ids = request.prompt_ids
+        self.params = request.params
         self.cancelled = False
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -137,15 +110,6 @@ class GenerationHandle:
             if isinstance(event, Finished):
                 return
 
-    async def result(self) -> Completion:
-        parts: list[str] = []
-        async for event in self.events():
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            else:
-                return Completion("".join(parts), event.reason, event.prompt_tokens, event.completion_tokens)
-        raise EngineError("generation ended without a result")  # unreachable: events() ends on Finished
-
 
 # --------------------------------------------------------------------------- per-sequence state
 
@@ -166,12 +130,10 @@ class _Sequence:
 
 
 @dataclass
-class _Batch:
-    """The running sequences and their left-padded model state."""
+class _Rows(RowState):
+    """Everything kept per running sequence; a new per-row field needs no other edit."""
 
     seqs: list[_Sequence]
-    cache: GrowableCache
-    mask: torch.Tensor  # [B, T] long, 1 = real token
     last: torch.Tensor  # [B] long, the token fed into the next step
     positions: torch.Tensor  # [B] long, its position id
     seen: torch.Tensor  # [B, V] bool, tokens in each context (repetition penalty)
@@ -179,22 +141,28 @@ class _Batch:
 
 
 @dataclass
-class EngineStats:
-    steps: int = 0
-    prefills: int = 0
-    cache_releases: int = 0
-    failures: int = 0
-    finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("stop", "length", "cancelled"), 0))
+class _Batch:
+    """The running sequences and their left-padded model state."""
+
+    rows: _Rows
+    cache: GrowableCache
+    mask: torch.Tensor  # [B, T] long, 1 = real token
+
+    @property
+    def seqs(self) -> list[_Sequence]:
+        return self.rows.seqs
 
 
 # --------------------------------------------------------------------------- the engine
 
 
-class Engine:
+class NativeEngine:
+    """Our own engine (see the module docstring); implements engine.protocol.Engine."""
+
     def __init__(
         self,
         model: Any,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         *,
         context_window: int,
         eos_token_id: int,
@@ -214,7 +182,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.empty_cache = empty_cache
-        self.stats = EngineStats()
+        self._counters = EngineStats()
         self._shared_generator = torch.Generator(device=self.device)
         if seed is not None:
             self._shared_generator.manual_seed(seed)
@@ -240,16 +208,17 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def stats(self) -> EngineStats:
+        c = self._counters
+        return EngineStats(self.num_running, self.num_waiting, c.failures, c.cache_releases, dict(c.finished))
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="minicpm-engine", daemon=True)
         self._thread.start()
-
-    @property
-    def busy(self) -> bool:
-        return self.num_running > 0 or self.num_waiting > 0
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still waiting or running fail with EngineUnavailableError."""
@@ -259,20 +228,19 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def inject_fault(self, error: BaseException) -> None:
-        """Make the next model step raise `error` (tests use it to simulate CUDA running out of memory)."""
-        self._pending_fault = error
+    def inject_fault(self, kind: FaultKind) -> None:
+        """Make the next model step fail: "oom" as CUDA running out of memory, "fatal" killing the thread."""
+        if kind == "oom":
+            self._pending_fault = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        else:
+            self._pending_fault = EngineKilled("injected fatal fault")
 
-    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        if prompt_tokens + max_new_tokens > self.context_window:
-            raise ContextOverflowError(prompt_tokens, max_new_tokens, self.context_window)
-
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
         """Queue a request; call from the event loop that will read its events."""
         if not self.alive:
             raise EngineUnavailableError("the generation engine is not running")
-        self.check_fits(len(prompt_ids), params.max_new_tokens)
-        handle = GenerationHandle(next(self._ids), prompt_ids, params)
+        check_fits(request, self.context_window)
+        handle = GenerationHandle(next(self._ids), request)
         with self._cv:
             if self._stopping:  # died or stopped since the check above
                 raise EngineUnavailableError("the generation engine is not running")
@@ -358,20 +326,18 @@ class Engine:
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         )
         cache.zero_padding(mask)
-        self.stats.prefills += 1
         seen = torch.zeros(len(handles), self.vocab_size, dtype=torch.bool, device=self.device)
         seen[mask.bool().nonzero(as_tuple=True)[0], ids[mask.bool()]] = True
         generators = [self._request_generator(h.params.seed) for h in handles]
-        joining = _Batch(
+        rows = _Rows(
             seqs=[self._new_sequence(h) for h in handles],
-            cache=cache,
-            mask=mask,
             last=ids[:, -1],
             positions=torch.tensor([len(p) for p in prompts], device=self.device),
             seen=seen,
             sampling=BatchSampling.build([h.params for h in handles], generators, self.device),
         )
-        first = sample_next_tokens(out.logits[:, -1].float(), seen, joining.sampling, self._shared_generator)
+        joining = _Batch(rows, cache, mask)
+        first = sample_next_tokens(out.logits[:, -1].float(), seen, rows.sampling, self._shared_generator)
         self._accept_tokens(joining, first)
         self._batch = joining if self._batch is None else self._join(self._batch, joining)
         self._drop_finished()
@@ -390,13 +356,9 @@ class Engine:
             return F.pad(mask, (width - mask.shape[1], 0))
 
         return _Batch(
-            seqs=a.seqs + b.seqs,
+            rows=_Rows.concat(a.rows, b.rows),
             cache=GrowableCache.concat(a.cache, b.cache, width),
             mask=torch.cat([left_pad(a.mask), left_pad(b.mask)]),
-            last=torch.cat([a.last, b.last]),
-            positions=torch.cat([a.positions, b.positions]),
-            seen=torch.cat([a.seen, b.seen]),
-            sampling=BatchSampling.concat(a.sampling, b.sampling),
         )
 
     # ----------------------------------------------------------------- decode
@@ -406,23 +368,23 @@ class Engine:
         assert batch is not None
         ones = torch.ones(len(batch.seqs), 1, dtype=batch.mask.dtype, device=self.device)
         batch.mask = torch.cat([batch.mask, ones], dim=1)
+        rows = batch.rows
         out = self.model(
-            input_ids=batch.last[:, None],
+            input_ids=rows.last[:, None],
             attention_mask=batch.mask,
-            position_ids=batch.positions[:, None],
+            position_ids=rows.positions[:, None],
             cache=batch.cache,
             use_cache=True,
         )
-        batch.positions = batch.positions + 1
-        self.stats.steps += 1
-        tokens = sample_next_tokens(out.logits[:, -1].float(), batch.seen, batch.sampling, self._shared_generator)
+        rows.positions = rows.positions + 1
+        tokens = sample_next_tokens(out.logits[:, -1].float(), rows.seen, rows.sampling, self._shared_generator)
         self._accept_tokens(batch, tokens)
         self._drop_finished()
 
     def _accept_tokens(self, batch: _Batch, tokens: torch.Tensor) -> None:
         """Record each row's new token, turn it into text, and decide whether the row is done."""
-        batch.last = tokens
-        batch.seen[torch.arange(len(tokens), device=self.device), tokens] = True
+        batch.rows.last = tokens
+        batch.rows.seen[torch.arange(len(tokens), device=self.device), tokens] = True
         events: list[tuple[GenerationHandle, Event]] = []
         for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
             if seq.handle.cancelled:
@@ -442,10 +404,10 @@ class Engine:
 
     def _text_events(self, seq: _Sequence) -> list[tuple[GenerationHandle, Event]]:
         """The delta that is safe to send now, and Finished when the row is done."""
-        cut = _first_stop(seq.text, seq.stops, seq.emitted)
+        cut = first_stop(seq.text, seq.stops, seq.emitted)
         if cut is not None:
             seq.text, seq.finish = seq.text[:cut], "stop"
-        safe = len(seq.text) if seq.finish else len(seq.text) - _stop_prefix_overlap(seq.text, seq.stops)
+        safe = len(seq.text) if seq.finish else len(seq.text) - stop_prefix_overlap(seq.text, seq.stops)
         events: list[tuple[GenerationHandle, Event]] = []
         if safe > seq.emitted:
             events.append((seq.handle, TextDelta(seq.text[seq.emitted : safe], seq.generated)))
@@ -455,7 +417,7 @@ class Engine:
         return events
 
     def _finished(self, handle: GenerationHandle, reason: str, generated: int) -> Finished:
-        self.stats.finished[reason] += 1
+        self._counters.finished[reason] += 1
         return Finished(reason, handle.prompt_tokens, generated)
 
     def _drop_finished(self) -> None:
@@ -481,21 +443,13 @@ class Engine:
         mask = batch.mask[rows]
         # Columns that are padding in every remaining row are dead weight for attention.
         start = int(mask.any(dim=0).nonzero()[0].item())
-        return _Batch(
-            seqs=[batch.seqs[i] for i in keep],
-            cache=batch.cache.select(rows, start),
-            mask=mask[:, start:],
-            last=batch.last[rows],
-            positions=batch.positions[rows],
-            seen=batch.seen[rows],
-            sampling=batch.sampling.select(rows, keep),
-        )
+        return _Batch(rows=batch.rows.select(rows, keep), cache=batch.cache.select(rows, start), mask=mask[:, start:])
 
     # ----------------------------------------------------------------- failures, idle, shutdown
 
     def _fail_in_flight(self, newcomers: list[GenerationHandle], exc: Exception) -> None:
-        self.stats.failures += 1
-        log.error("generation step failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        self._counters.failures += 1
+        log.error("generation step failed: %s", one_line(exc))
         handles = [s.handle for s in self._batch.seqs] if self._batch is not None else []
         handles += [h for h in newcomers if h not in handles]
         self._batch = None
@@ -520,7 +474,7 @@ class Engine:
             self._released_since_busy = True
 
     def _release_cached_memory(self) -> None:
-        self.stats.cache_releases += 1
+        self._counters.cache_releases += 1
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -538,26 +492,6 @@ class Engine:
 def _deliver_all(items: list[tuple[GenerationHandle, Event]]) -> None:
     for handle, event in items:
         handle._deliver(event)
-
-
-def _first_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
-    """Where the earliest stop string starts, searching only text that could hold a new one."""
-    if not stops:
-        return None
-    start = max(0, emitted - max(len(s) for s in stops))
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_overlap(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that could be the start of a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
 
 
 def _describe_failure(exc: Exception) -> str:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-# Endpoints get their own label value; anything else is "other", so stray paths cannot blow up cardinality.
-KNOWN_ENDPOINTS = frozenset({"/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+from minicpm_server.engine.protocol import Engine
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
 
@@ -41,15 +40,16 @@ class Metrics:
             "minicpm_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
         )
 
-    def watch_engine(self, running: Callable[[], int], waiting: Callable[[], int], stats: Callable[[], Any]) -> None:
-        """The gauges and engine counters read the engine's live state at scrape time."""
-        self.requests_running.set_function(running)
-        self.requests_waiting.set_function(waiting)
-        self.registry.register(_EngineCounters(stats))
+    def watch_engine(self, engine: Engine) -> None:
+        """The gauges and engine counters read the engine's stats at scrape time."""
+        self.requests_running.set_function(lambda: engine.stats.running)
+        self.requests_waiting.set_function(lambda: engine.stats.waiting)
+        self.registry.register(_EngineCounters(engine))
 
-    def observe_request(self, path: str, status: int) -> None:
-        endpoint = path if path in KNOWN_ENDPOINTS else "other"
-        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+    def observe_request(self, route: str | None, status: int) -> None:
+        """Labelled by the matched route's path template; unmatched paths share "other", so stray
+        URLs cannot blow up the label cardinality."""
+        self.requests.labels(endpoint=route or "other", status=str(status)).inc()
 
     def observe_generation(
         self, prompt_tokens: int, completion_tokens: int, ttft: float | None, latency: float
@@ -67,11 +67,11 @@ class Metrics:
 class _EngineCounters:
     """Counters the engine keeps itself (failed steps, cache releases), exposed as they stand."""
 
-    def __init__(self, stats: Callable[[], Any]) -> None:
-        self._stats = stats
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        stats = self._stats()
+        stats = self._engine.stats
         yield CounterMetricFamily("minicpm_engine_failures", "Engine steps that failed", value=stats.failures)
         yield CounterMetricFamily(
             "minicpm_cache_releases", "Times cached GPU memory was released", value=stats.cache_releases

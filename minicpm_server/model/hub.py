@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-log = logging.getLogger("minicpm_server.hub")
+from minicpm_server.exceptions import first_line as _first_line
+
+log = logging.getLogger("minicpm_server.model.hub")
 
 VARIANTS: dict[str, dict[str, str]] = {
     "sft-fp32": {"modelscope": "OpenBMB/MiniCPM-2B-sft-fp32", "hf": "openbmb/MiniCPM-2B-sft-fp32"},
@@ -173,9 +175,6 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- checks
@@ -231,7 +230,7 @@ def mismatched_files(files: list[RemoteFile], target: Path) -> list[RemoteFile]:
 
 def check_model(target: Path) -> None:
     """The directory must be a MiniCPM-2B that api.py can load: config, weight headers, tokenizer."""
-    from minicpm_server.checkpoint import CheckpointError, inspect_checkpoint, load_tokenizer
+    from minicpm_server.model.checkpoint import CheckpointError, inspect_checkpoint, load_tokenizer
 
     try:
         load_tokenizer(inspect_checkpoint(target))
@@ -259,7 +258,7 @@ def convert_to_bf16_safetensors(source: Path, dest: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from minicpm_server.checkpoint import inspect_checkpoint
+    from minicpm_server.model.checkpoint import inspect_checkpoint
 
     files = inspect_checkpoint(source)
     staging = dest.with_name(dest.name + ".partial")

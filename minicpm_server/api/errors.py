@@ -15,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minicpm_server.engine import ContextOverflowError, EngineError, EngineUnavailableError, QueueFullError
+from minicpm_server.api.protocol import InvalidRequest
+from minicpm_server.engine.protocol import ContextOverflowError, EngineError, EngineUnavailableError, QueueFullError
 
 log = logging.getLogger("minicpm_server")
 
@@ -70,7 +71,9 @@ def as_api_error(exc: Exception) -> APIError | None:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextOverflowError):
-        return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+        return APIError(400, str(exc), param=exc.field, code="context_length_exceeded")
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, QueueFullError):
         return APIError(429, f"server busy: {exc}; retry shortly", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, EngineUnavailableError):
@@ -126,7 +129,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # Nobody reads this answer; 499 ("client closed request") makes the log line say what happened.
         return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}}, status_code=499)
 
-    for cls in (APIError, ContextOverflowError, QueueFullError, EngineUnavailableError, EngineError):
+    for cls in (APIError, InvalidRequest, ContextOverflowError, QueueFullError, EngineUnavailableError, EngineError):
         app.add_exception_handler(cls, _known)
 
     @app.exception_handler(Exception)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from minicpm_server.exceptions import first_line as _first_line
+
 log = logging.getLogger("minicpm_server")
 
 # Strings on which a converted tokenizer.json most often parts ways with sentencepiece: a
@@ -164,7 +166,3 @@ def _token_text(value: Any, default: str) -> str:
         value = value.get("content")
     return value if isinstance(value, str) and value else default
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

@@ -3,6 +3,10 @@
 Validation is strict: no type coercion ("10" is not a number), no unknown fields, no NaN or
 Infinity, no lone surrogates in strings. A bad request gets a 400 that names the field; nothing
 a client sends is silently ignored.
+
+Each generation request converts itself (`prompt_text`, then `to_generation_request`) into the
+engine's GenerationRequest: the token budget and the field that set it, the sampling parameters
+(the tutorial's defaults live in engine/protocol.py) and the stop strings.
 """
 
 from __future__ import annotations
@@ -11,10 +15,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-# Sampling defaults of the tutorial's model.chat call (temperature, top_p, repetition_penalty).
-DEFAULT_TEMPERATURE = 0.5
-DEFAULT_TOP_P = 0.8
-DEFAULT_REPETITION_PENALTY = 1.02
+from minicpm_server.engine.protocol import GenerationRequest, SamplingParams
+from minicpm_server.model import chat
+from minicpm_server.model.tokenizer import Tokenizer
+
+# OpenAI's /v1/completions answers 16 tokens when max_tokens is not given; clients rely on it.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+class InvalidRequest(ValueError):
+    """A well-formed request that cannot be served as asked: a 400 naming `param`."""
+
+    def __init__(self, message: str, param: str | None, code: str) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 def _no_lone_surrogates(value: str) -> str:
@@ -52,6 +66,24 @@ class SamplingFields(StrictModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = Field(False, description="Keep generating after the end-of-sequence token.")
 
+    def sampling_params(self, max_new_tokens: int, stop: tuple[str, ...], do_sample: bool = True) -> SamplingParams:
+        """Fields the client left out take SamplingParams' defaults (the tutorial's)."""
+        given = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        chosen = {name: value for name, value in given.items() if value is not None}
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            seed=self.seed,
+            stop=stop,
+            ignore_eos=self.ignore_eos,
+            **chosen,
+        )
+
 
 class LegacyChatRequest(SamplingFields):
     """`POST /`: the tutorial's body, `{"prompt": ...}`, plus optional model.chat-style fields."""
@@ -63,6 +95,31 @@ class LegacyChatRequest(SamplingFields):
     do_sample: bool = Field(True, description="false means greedy decoding.")
     stop: Stop = Field(None, description=f"Stop when one of these (up to {MAX_STOP_STRINGS}) appears.")
     stream: bool = Field(False, description="Answer as newline-delimited JSON chunks.")
+
+    def prompt_text(self, tokenizer: Tokenizer) -> str:
+        """model.chat's rendering of the history and the new prompt."""
+        history = [m.model_dump() for m in self.history or ()]
+        return chat.render_chat(tokenizer, chat.conversation(self.prompt, history))
+
+    def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
+        """Budget: max_new_tokens, else what max_length (prompt included) leaves, else the rest of the window.
+        Generation stops at the model's next turn marker, as model.chat cuts its answer there."""
+        prompt_tokens = len(prompt_ids)
+        if self.max_new_tokens is not None:
+            budget, field = self.max_new_tokens, "max_new_tokens"
+        elif self.max_length is not None:
+            if self.max_length <= prompt_tokens:
+                raise InvalidRequest(
+                    f"max_length {self.max_length} leaves no room for an answer: the prompt alone is "
+                    f"{prompt_tokens} tokens (max_length counts the prompt, as in model.chat)",
+                    "max_length",
+                    "context_length_exceeded",
+                )
+            budget, field = self.max_length - prompt_tokens, "max_length"
+        else:
+            budget, field = _rest_of_window(prompt_tokens, context_window), "max_length"
+        stops = (*_stop_list(self.stop), *chat.TURN_MARKERS)
+        return GenerationRequest(prompt_ids, self.sampling_params(budget, stops, self.do_sample), field)
 
 
 class LegacyChatResponse(BaseModel):
@@ -105,8 +162,15 @@ class OpenAIFields(SamplingFields):
     logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
     user: Text | None = Field(None, description="An end-user id; recorded nowhere.")
 
+    def require_supported(self) -> None:
+        """A 400 for the first field set to something we cannot do: never silently ignored."""
+        problem = self.unsupported()
+        if problem is not None:
+            name, why = problem
+            raise InvalidRequest(f"'{name}': {why}", name, "unsupported_parameter")
+
     def unsupported(self) -> tuple[str, str] | None:
-        """The first field set to something we cannot do, with why: a 400, never silently ignored."""
+        """The first field set to something we cannot do, with why."""
         if self.n != 1:
             return "n", "only n=1 is supported"
         if self.presence_penalty or self.frequency_penalty:
@@ -141,6 +205,21 @@ class ChatCompletionRequest(OpenAIFields):
             return "response_format", "only {'type': 'text'} is supported"
         return super().unsupported()
 
+    def prompt_text(self, tokenizer: Tokenizer) -> str:
+        self.require_supported()
+        return chat.render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in self.messages])
+
+    def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
+        """Budget: max_completion_tokens, else max_tokens, else the rest of the window; stops at turn markers."""
+        if self.max_completion_tokens is not None:
+            budget, field = self.max_completion_tokens, "max_completion_tokens"
+        elif self.max_tokens is not None:
+            budget, field = self.max_tokens, "max_tokens"
+        else:
+            budget, field = _rest_of_window(len(prompt_ids), context_window), "max_tokens"
+        stops = (*_stop_list(self.stop), *chat.TURN_MARKERS)
+        return GenerationRequest(prompt_ids, self.sampling_params(budget, stops), field)
+
 
 class CompletionRequest(OpenAIFields):
     prompt: Text | list[Text] = Field(description="A string (or a list holding one string); no chat template.")
@@ -162,8 +241,24 @@ class CompletionRequest(OpenAIFields):
             return "logprobs", "log probabilities are not supported"
         return super().unsupported()
 
-    def prompt_text(self) -> str:
+    def prompt_text(self, tokenizer: Tokenizer) -> str:
+        """The raw prompt: no chat template."""
+        self.require_supported()
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
+        budget = self.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+        return GenerationRequest(prompt_ids, self.sampling_params(budget, _stop_list(self.stop)), "max_tokens")
+
+
+def _stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _rest_of_window(prompt_tokens: int, context_window: int) -> int:
+    return max(context_window - prompt_tokens, 1)  # a prompt that fills the window fails the engine's check
 
 
 class Usage(BaseModel):

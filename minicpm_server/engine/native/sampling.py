@@ -13,28 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class SamplingParams:
-    """What one request asks of the sampler; validated by the protocol layer before it gets here."""
-
-    max_new_tokens: int
-    temperature: float = 0.5
-    top_p: float = 0.8
-    top_k: int = 0
-    repetition_penalty: float = 1.02
-    do_sample: bool = True
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+from minicpm_server.engine.native.rows import RowState
+from minicpm_server.engine.protocol import SamplingParams
 
 
 @dataclass
-class BatchSampling:
+class BatchSampling(RowState):
     """The per-row sampling parameters of a running batch, as tensors on the model's device."""
 
     temperature: torch.Tensor  # [B] float
@@ -58,26 +42,6 @@ class BatchSampling:
             generators=list(generators),
         )
 
-    def select(self, rows: torch.Tensor, keep: list[int]) -> BatchSampling:
-        return BatchSampling(
-            self.temperature[rows],
-            self.top_p[rows],
-            self.top_k[rows],
-            self.penalty[rows],
-            self.greedy[rows],
-            [self.generators[i] for i in keep],
-        )
-
-    @staticmethod
-    def concat(a: BatchSampling, b: BatchSampling) -> BatchSampling:
-        return BatchSampling(
-            torch.cat([a.temperature, b.temperature]),
-            torch.cat([a.top_p, b.top_p]),
-            torch.cat([a.top_k, b.top_k]),
-            torch.cat([a.penalty, b.penalty]),
-            torch.cat([a.greedy, b.greedy]),
-            a.generators + b.generators,
-        )
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,258 @@
+"""The FastAPI application: the app factory and the routes, nothing else.
+
+Routes validate (pydantic models in protocol.py), hand the body to generation.py, and answer
+with a formatter from responses.py. The model's lifecycle is service.py's, the middlewares are
+middleware.py's, errors are mapped in errors.py. Nothing that runs the model runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from minicpm_server.api import generation
+from minicpm_server.api.errors import APIError, install_error_handlers
+from minicpm_server.api.metrics import Metrics
+from minicpm_server.api.middleware import BodyLimitMiddleware, RequestLogMiddleware
+from minicpm_server.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    FaultRequest,
+    HealthResponse,
+    LegacyChatRequest,
+    LegacyChatResponse,
+    ModelCard,
+    ModelList,
+    OpenAIFields,
+    error_responses,
+)
+from minicpm_server.api.responses import ChatFormat, CompletionFormat, LegacyFormat, OpenAIFormat
+from minicpm_server.api.service import ModelService
+from minicpm_server.engine.protocol import DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from minicpm_server.model.checkpoint import Preflight
+from minicpm_server.settings import Settings
+
+# Headers that keep proxies (nginx, AutoDL's port mapping) from buffering a stream.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+log = logging.getLogger("minicpm_server")
+
+
+def api_key_guard(settings: Settings) -> Callable[[Request], None]:
+    expected = (settings.api_key or "").encode()
+
+    def require_api_key(request: Request) -> None:
+        if not expected:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        # compare_digest: the time taken does not reveal how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise APIError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return require_api_key
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+def legacy_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.post(
+        "/",
+        response_model=LegacyChatResponse,
+        responses={200: {"content": {"application/x-ndjson": {}}}, **error_responses(400, 401, 413, 429, 503, 504)},
+        summary="The tutorial's chat endpoint",
+    )
+    async def legacy_chat(body: LegacyChatRequest, request: Request) -> Any:
+        gen = await _submit(request, body)
+        if body.stream:
+            stream = LegacyFormat.stream(gen.events())
+            return StreamingResponse(stream, media_type="application/x-ndjson", headers=STREAM_HEADERS)
+        return LegacyFormat.answer(await gen.complete())
+
+    return router
+
+
+async def _submit(request: Request, body: Any) -> generation.TrackedGeneration:
+    service = _service(request)
+    engine = service.require_engine()
+    return await generation.submit(engine, body, request, service.metrics, service.settings.request_timeout)
+
+
+async def _openai_generation(request: Request, body: OpenAIFields, answer: OpenAIFormat) -> Any:
+    gen = await _submit(request, body)
+    model = _service(request).settings.model_name
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = answer.stream(gen.events(), model, include_usage)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
+    return answer.answer(await gen.complete(), model)
+
+
+def openai_routes() -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    errors = {200: {"content": {"text/event-stream": {}}}, **error_responses(400, 401, 413, 429, 503, 504)}
+
+    @router.get("/models", response_model=ModelList, responses=error_responses(401))
+    async def list_models(request: Request) -> Any:
+        service = _service(request)
+        return ModelList(data=[ModelCard(id=service.settings.model_name, created=service.created)])
+
+    @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=errors)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await _openai_generation(request, body, ChatFormat())
+
+    @router.post("/completions", response_model=CompletionResponse, responses=errors)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await _openai_generation(request, body, CompletionFormat())
+
+    return router
+
+
+def fault_routes() -> APIRouter:
+    """Testing only (--testing-fault-injection): make the engine fail the way a GPU can."""
+    router = APIRouter()
+
+    @router.post("/debug/fault", status_code=202, responses=error_responses(400, 401, 503))
+    async def inject_fault(body: FaultRequest, request: Request) -> dict[str, str]:
+        _service(request).require_engine().inject_fault(body.kind)
+        return {"status": "armed", "kind": body.kind}
+
+    return router
+
+
+def metrics_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.get(
+        "/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}, **error_responses(401)}
+    )
+    async def metrics(request: Request) -> Response:
+        registry = _service(request).metrics
+        return Response(registry.render(), media_type=registry.content_type)
+
+    return router
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+# The page loads only its own files: no inline script, no other origin (no CDN), no framing.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def ui_routes() -> APIRouter:
+    """The chat page (GET / from a browser) and what it needs to know; no API key needed for these."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/")
+    async def chat_page(request: Request) -> Response:
+        if "text/html" not in request.headers.get("accept", ""):
+            raise APIError(405, "GET / serves the chat page to browsers; send questions with POST / (JSON)")
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+    @router.get("/ui/config")
+    async def ui_config(request: Request) -> dict[str, Any]:
+        service = _service(request)
+        checkpoint = service.checkpoint
+        return {
+            "model": service.settings.model_name,
+            "context_window": checkpoint.context_window if checkpoint else None,
+            "auth_required": bool(service.settings.api_key),
+            "defaults": {
+                "temperature": DEFAULT_TEMPERATURE,
+                "top_p": DEFAULT_TOP_P,
+                "repetition_penalty": DEFAULT_REPETITION_PENALTY,
+            },
+        }
+
+    return router
+
+
+def health_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health(request: Request) -> JSONResponse:
+        status, body = _service(request).health()
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+
+    return router
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(
+    settings: Settings, on_fatal: Callable[[str], None] | None = None, preflight: Preflight | None = None
+) -> FastAPI:
+    """The app; `preflight` carries the start-up checks api.py already made, so they run once."""
+    metrics = Metrics()
+    service = ModelService(settings, metrics, on_fatal, preflight)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.manual_seed(settings.seed)
+        if settings.public_interface and not settings.api_key:
+            log.warning(
+                "listening on %s without an API key: anyone who can reach port %d can use the model; "
+                "set --api-key (or MINICPM_API_KEY)",
+                settings.host,
+                settings.port,
+            )
+        service.start_loading()
+        yield
+        service.stop()
+
+    app = FastAPI(title="MiniCPM API server", version="0.1.0", lifespan=lifespan)
+    app.state.service = service
+    install_error_handlers(app)
+    guarded = [Depends(api_key_guard(settings))]
+    app.include_router(health_routes())
+    app.include_router(ui_routes())
+    app.mount("/ui", StaticFiles(directory=STATIC_DIR), name="ui")
+    app.include_router(legacy_routes(), dependencies=guarded)
+    app.include_router(openai_routes(), dependencies=guarded)
+    app.include_router(metrics_routes(), dependencies=guarded)
+    if settings.testing_fault_injection:
+        log.warning("fault injection is enabled (POST /debug/fault): for tests only")
+        app.include_router(fault_routes(), dependencies=guarded)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLogMiddleware, metrics=metrics, log_prompts=settings.log_prompts)
+    return app

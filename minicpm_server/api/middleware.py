@@ -1,0 +1,107 @@
+"""ASGI middlewares: the request log (and request metrics) and the body size limit."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from minicpm_server.api.errors import APIError, error_response
+from minicpm_server.api.metrics import Metrics
+
+log = logging.getLogger("minicpm_server")
+
+
+class RequestLogMiddleware:
+    """One line per request: endpoint, status, token counts, duration; texts only with --log-prompts."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_prompts: bool = False) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_prompts = log_prompts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        scope.setdefault("state", {})["started"] = start  # time to first token counts from here
+        status = 500
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            self._log(scope, status, time.perf_counter() - start)
+            route = scope.get("route")  # set by the router when a route matched
+            self.metrics.observe_request(getattr(route, "path", None), status)
+
+    def _log(self, scope: Scope, status: int, seconds: float) -> None:
+        state = scope.get("state") or {}
+        prompt_tokens, completion_tokens = state.get("usage", (0, 0))
+        line = (
+            f"{scope.get('method', '-')} {scope.get('path', '-')} status={status} "
+            f"prompt_tokens={prompt_tokens} completion_tokens={completion_tokens} duration={seconds:.3f}s"
+        )
+        if self.log_prompts and "texts" in state:
+            prompt, answer = state["texts"]
+            line += f" prompt={prompt!r} response={answer!r}"
+        log.info("%s", line)
+
+
+class BodyLimitMiddleware:
+    """413 with a JSON error for bodies over the limit, declared (Content-Length) or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+        too_large = False
+        answered = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    too_large = True
+                    return {"type": "http.disconnect"}  # the app stops reading; we answer below
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if too_large:
+                if not answered:
+                    answered = True
+                    await self._refuse(scope, receive, send)
+                return
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+        if too_large and not answered:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(
+            413, f"request body is larger than {self.max_bytes} bytes (--max-body-bytes)", code="body_too_large"
+        )
+        await error_response(error)(scope, receive, send)
+
+
+# --------------------------------------------------------------------------- auth

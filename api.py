@@ -24,7 +24,7 @@ def _real_tokenizer_dir() -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minicpm_server.exceptions import StartupError
+    from minicpm_server.exceptions import PortInUseError, StartupError
     from minicpm_server.settings import parse_settings
 
     log = logging.getLogger("minicpm_server")
@@ -33,14 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
         )
+        _check_port_free(settings.host, settings.port)
         if settings.demo:
             from minicpm_server.model.tiny import cached_tiny_checkpoint
 
             log.info("demo mode: preparing the tiny random-weight checkpoint in %s", _demo_cache_dir())
             path = cached_tiny_checkpoint(_demo_cache_dir(), "tiny", seed=0, tokenizer_from=_real_tokenizer_dir())
-            settings = settings.model_copy(
-                update={"model_path": path, "device": "cpu", "dtype": "float32", "served_model_name": "minicpm-demo"}
-            )
+            # The tiny model runs on CPU in float32 unless --device/--dtype say otherwise.
+            device = "cpu" if settings.device == "auto" else settings.device
+            dtype = "float32" if settings.dtype == "auto" else settings.dtype
+            update = {"model_path": path, "device": device, "dtype": dtype, "served_model_name": "minicpm-demo"}
+            settings = settings.model_copy(update=update)
             log.warning("demo mode: the model has random weights, so its answers are random text")
         # Refuse what can be known before listening, so these failures are one line and exit 2.
         from minicpm_server.model.checkpoint import preflight
@@ -48,8 +51,26 @@ def main(argv: list[str] | None = None) -> int:
         checked = preflight(settings.model_path, settings.device)
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, PortInUseError) else 2
     return _serve(settings, checked)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail in one line before loading anything, instead of uvicorn's bind error mid-start-up."""
+    import socket
+
+    from minicpm_server.exceptions import PortInUseError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise PortInUseError(
+                f"cannot listen on {host}:{port}: {exc.strerror} (another server, perhaps an earlier api.py, "
+                "is using the port; stop it or pass --port)"
+            ) from None
 
 
 def _serve(settings, checked) -> int:

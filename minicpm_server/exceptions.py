@@ -18,3 +18,7 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of the message alone (the type name when there is no message)."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+class PortInUseError(StartupError):
+    """The address to listen on is taken; api.py exits 1 (other start-up errors exit 2)."""

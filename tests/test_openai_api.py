@@ -237,6 +237,12 @@ def test_metrics_exposed(server, sdk) -> None:
     ):
         assert name in text
     assert 'minicpm_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    requests.get(server.url + "/no/such/path/12345")
+    requests.get(server.url + "/v1/models")
+    text = requests.get(server.url + "/metrics").text
+    # Labelled by the matched route, so stray paths cannot create new series.
+    assert 'minicpm_requests_total{endpoint="other",status="404"}' in text and "12345" not in text
+    assert 'minicpm_requests_total{endpoint="/v1/models",status="200"}' in text
 
 
 def test_queue_overflow_answers_429_without_waiting(start_server, long_dir) -> None:

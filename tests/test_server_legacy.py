@@ -211,3 +211,71 @@ def test_api_key_required_except_health(start_server, tiny_dir) -> None:
     answer = client.get_completion("a", url=secured.url, max_length=20, api_key="s3cret")
     assert isinstance(answer, str) and "<AI>" not in answer
     assert secured.log().count("POST / status=200") == 2  # `right`, then the client with the key
+
+
+# --------------------------------------------------------------------------- the tutorial's own clients
+
+
+def test_tutorial_client_without_content_type(server) -> None:
+    """The tutorial's requests call, as written there: a JSON string as `data`, no Content-Type."""
+    r = requests.post(server.url, data=json.dumps({"prompt": "你好", "max_length": 60}))
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["response"], str) and r.json()["status"] == 200
+
+
+def test_curl_dash_d_without_header(server) -> None:
+    """`curl -d '{...}'` sends form encoding; POST / reads the JSON all the same."""
+    out = subprocess.run(
+        ["curl", "-s", "-X", "POST", server.url, "-d", '{"prompt": "hello", "max_length": 40}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(out.stdout)["status"] == 200, out.stdout
+
+
+def test_not_json_without_content_type_is_still_a_clear_400(server) -> None:
+    r = requests.post(server.url, data="prompt=hello")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    other = requests.post(server.url + "/v1/completions", data=json.dumps({"prompt": "a"}))
+    assert other.status_code == 400  # the /v1 routes keep requiring a JSON content type
+
+
+def test_errors_on_post_root_keep_the_contract_keys(server) -> None:
+    r = requests.post(server.url, json={"prompt": 5})
+    body = r.json()
+    assert r.status_code == 400 and body["status"] == 400 and body["response"] is None
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", body["time"]) and body["error"]["param"] == "prompt"
+    v1 = requests.post(server.url + "/v1/completions", json={"prompt": 5}).json()
+    assert set(v1) == {"error"}  # OpenAI's shape stays as it is on /v1
+
+
+def test_max_tokens_is_accepted_on_post_root(server) -> None:
+    body = {"prompt": "a", "max_tokens": 3, "ignore_eos": True, "stop": [], "stream": True}
+    lines = [json.loads(x) for x in requests.post(server.url, json=body, stream=True).iter_lines() if x]
+    assert lines[-1]["done"] and lines[-1]["usage"]["completion_tokens"] <= 3
+    too_many = requests.post(server.url, json={"prompt": "a", "max_tokens": 10**6})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "max_tokens"
+
+
+def test_unknown_field_names_the_one_meant(server) -> None:
+    r = requests.post(server.url, json={"prompt": "a", "max_lenght": 20})
+    assert r.status_code == 400
+    assert "unknown field 'max_lenght'; did you mean 'max_length'?" in r.json()["error"]["message"]
+
+
+def test_log_has_generations_and_failures_not_probes(start_server, long_dir) -> None:
+    server = start_server("--model-path", long_dir, "--device", "cpu")
+    for _ in range(3):
+        requests.get(server.url + "/health")
+    assert requests.post(server.url, json={"prompt": 5}).status_code == 400
+    url, body = long_generation(server.url, HOLD_TOKENS, stream=True)
+    stream = requests.post(url, json=body, stream=True)
+    lines = stream.iter_lines()
+    next(lines)
+    stream.close()
+    wait_for_metric(server.url, "minicpm_requests_finished_total", lambda v: v == 1, 'reason="cancelled"')
+    log = server.log()
+    assert "GET /health" not in log and "GET /metrics" not in log  # probes are debug-level
+    assert re.search(r"POST / status=400 duration=", log)  # no token counts for what never ran
+    assert re.search(r"POST /v1/completions status=200 cancelled prompt_tokens=\d+ completion_tokens=[1-9]", log)

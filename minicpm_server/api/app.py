@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from minicpm_server.api import generation
 from minicpm_server.api.errors import APIError, install_error_handlers
 from minicpm_server.api.metrics import Metrics
-from minicpm_server.api.middleware import BodyLimitMiddleware, RequestLogMiddleware
+from minicpm_server.api.middleware import BodyLimitMiddleware, LegacyJsonBodyMiddleware, RequestLogMiddleware
 from minicpm_server.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -33,6 +33,7 @@ from minicpm_server.api.protocol import (
     HealthResponse,
     LegacyChatRequest,
     LegacyChatResponse,
+    LegacyErrorResponse,
     ModelCard,
     ModelList,
     OpenAIFields,
@@ -83,7 +84,10 @@ def legacy_routes() -> APIRouter:
     @router.post(
         "/",
         response_model=LegacyChatResponse,
-        responses={200: {"content": {"application/x-ndjson": {}}}, **error_responses(400, 401, 413, 429, 503, 504)},
+        responses={
+            200: {"content": {"application/x-ndjson": {}}},
+            **error_responses(400, 401, 413, 429, 503, 504, model=LegacyErrorResponse),
+        },
         summary="The tutorial's chat endpoint",
     )
     async def legacy_chat(body: LegacyChatRequest, request: Request) -> Any:
@@ -253,6 +257,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(LegacyJsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware, metrics=metrics, log_prompts=settings.log_prompts)
     return app

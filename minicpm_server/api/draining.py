@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 import uvicorn
 
 from minicpm_server.api.service import ModelService
+
+log = logging.getLogger("minicpm_server")
 
 
 class DrainingServer(uvicorn.Server):
@@ -20,13 +23,19 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.service.draining:
-            super().handle_exit(sig, frame)
+            self._exit_now()
             return
+        log.info("draining: press Ctrl-C again to stop at once")
         threading.Thread(target=self._drain_then_exit, name="minicpm-drain", daemon=True).start()
+
+    def _exit_now(self) -> None:
+        """The second signal: stop the engine, which answers every request in flight with a JSON
+        503 at once, so uvicorn's own shutdown has nothing left to wait for."""
+        log.warning("stopping now: requests still in flight are answered 503")
+        self.service.stop()
+        self.should_exit = True
 
     def _drain_then_exit(self) -> None:
         self.service.drain(self.shutdown_timeout)
         self.should_exit = True
 
-
-# --------------------------------------------------------------------------- request log

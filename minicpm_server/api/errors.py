@@ -7,6 +7,8 @@ details go to the server log only.
 
 from __future__ import annotations
 
+import datetime
+import difflib
 import logging
 from typing import Any
 
@@ -14,8 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
-from minicpm_server.api.protocol import InvalidRequest
+from minicpm_server.api.protocol import ChatCompletionRequest, CompletionRequest, InvalidRequest, LegacyChatRequest
 from minicpm_server.engine.protocol import ContextOverflowError, EngineError, EngineUnavailableError, QueueFullError
 
 log = logging.getLogger("minicpm_server")
@@ -32,6 +35,9 @@ _TYPES = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+BODY_MODELS = {"/": LegacyChatRequest, "/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 
 
 class APIError(Exception):
@@ -54,8 +60,11 @@ class ClientDisconnected(Exception):
     """The client went away before its answer was ready; its request was cancelled."""
 
 
-def error_response(error: APIError) -> JSONResponse:
-    body = {
+def error_response(error: APIError, scope: Scope | None = None) -> JSONResponse:
+    """The JSON error body; on the tutorial's POST / it also carries that endpoint's own keys
+    (`response` null, `status`, `time`), so the tutorial's client reads a failure instead of
+    dying on a missing key."""
+    body: dict[str, Any] = {
         "error": {
             "message": error.message,
             "type": _TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error"),
@@ -63,7 +72,14 @@ def error_response(error: APIError) -> JSONResponse:
             "code": error.code,
         }
     }
+    if scope is not None and is_legacy_chat(scope):
+        body.update(response=None, status=error.status, time=datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
     return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def is_legacy_chat(scope: Scope) -> bool:
+    """The tutorial's endpoint: POST /."""
+    return scope.get("type") == "http" and scope.get("method") == "POST" and scope.get("path") == "/"
 
 
 def as_api_error(exc: Exception) -> APIError | None:
@@ -98,17 +114,24 @@ def describe_validation_error(exc: RequestValidationError, request: Request) -> 
             400, "request body must be a JSON object sent with 'Content-Type: application/json'", code="invalid_body"
         )
     if kind == "extra_forbidden":
-        return APIError(400, f"unknown field '{field}'", param=field, code="unknown_field")
+        return APIError(400, f"unknown field '{field}'{_did_you_mean(loc[-1], request)}", param=field, code="unknown_field")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     where = f"field '{field}'" if field else "request body"
     return APIError(400, f"{where}: {message}{more}", param=field, code="invalid_value")
 
 
+def _did_you_mean(name: str, request: Request) -> str:
+    """A hint naming the field the client probably meant, among the endpoint's own fields."""
+    model = BODY_MODELS.get(request.url.path)
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6) if model else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(describe_validation_error(exc, request))
+        return error_response(describe_validation_error(exc, request), request.scope)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -117,12 +140,12 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "request body could not be parsed: it must be UTF-8 encoded JSON"
         elif exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+        return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)), request.scope)
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         known = as_api_error(exc)
         assert known is not None
-        return error_response(known)
+        return error_response(known, request.scope)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
@@ -135,7 +158,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, "internal server error; see the server log", code="internal_error"))
+        error = APIError(500, "internal server error; see the server log", code="internal_error")
+        return error_response(error, request.scope)
 
 
 def error_payload(exc: Exception) -> dict[str, Any]:

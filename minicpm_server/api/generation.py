@@ -64,6 +64,7 @@ class TrackedGeneration:
     ) -> TrackedGeneration:
         started = getattr(request.state, "started", None) or time.perf_counter()
         handle = engine.submit(prepared.request)
+        request.state.usage = (handle.prompt_tokens, 0)
         return cls(handle, prepared, request, metrics, started, timeout=timeout)
 
     async def _next_event(self, events: AsyncIterator[TextDelta | Finished]) -> TextDelta | Finished:
@@ -91,6 +92,7 @@ class TrackedGeneration:
                     if self.first_token_at is None:
                         self.first_token_at = time.perf_counter()
                     self.text_parts.append(event.text)
+                    self.request.state.usage = (self.handle.prompt_tokens, event.completion_tokens)
                 else:
                     self._record(event)
                 yield event
@@ -99,6 +101,7 @@ class TrackedGeneration:
         finally:
             if self.finished is None:
                 self.handle.cancel()  # the consumer stopped early: free the engine's slot now
+                self.request.state.cancelled = True
 
     def _record(self, done: Finished) -> None:
         self.finished = done

@@ -1,4 +1,5 @@
-"""ASGI middlewares: the request log (and request metrics) and the body size limit."""
+"""ASGI middlewares: the request log (and request metrics), the body size limit, and the
+tutorial's clients' missing Content-Type."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from minicpm_server.api.errors import APIError, error_response
+from minicpm_server.api.errors import APIError, error_response, is_legacy_chat
 from minicpm_server.api.metrics import Metrics
 
 log = logging.getLogger("minicpm_server")
@@ -43,16 +44,21 @@ class RequestLogMiddleware:
             self.metrics.observe_request(getattr(route, "path", None), status)
 
     def _log(self, scope: Scope, status: int, seconds: float) -> None:
+        """Generations and failures at info; health probes, metrics scrapes and page files at debug."""
         state = scope.get("state") or {}
-        prompt_tokens, completion_tokens = state.get("usage", (0, 0))
-        line = (
-            f"{scope.get('method', '-')} {scope.get('path', '-')} status={status} "
-            f"prompt_tokens={prompt_tokens} completion_tokens={completion_tokens} duration={seconds:.3f}s"
-        )
+        line = f"{scope.get('method', '-')} {scope.get('path', '-')} status={status}"
+        if state.get("cancelled"):
+            line += " cancelled"
+        if "usage" in state:  # only requests that reached the engine have token counts
+            prompt_tokens, completion_tokens = state["usage"]
+            line += f" prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}"
+        line += f" duration={seconds:.3f}s"
         if self.log_prompts and "texts" in state:
             prompt, answer = state["texts"]
             line += f" prompt={prompt!r} response={answer!r}"
-        log.info("%s", line)
+        probe = scope.get("path") == "/health"  # load balancers poll it every few seconds
+        level = logging.INFO if "usage" in state or (status >= 400 and not probe) else logging.DEBUG
+        log.log(level, "%s", line)
 
 
 class BodyLimitMiddleware:
@@ -101,7 +107,29 @@ class BodyLimitMiddleware:
         error = APIError(
             413, f"request body is larger than {self.max_bytes} bytes (--max-body-bytes)", code="body_too_large"
         )
-        await error_response(error)(scope, receive, send)
+        await error_response(error, scope)(scope, receive, send)
 
 
 # --------------------------------------------------------------------------- auth
+
+
+class LegacyJsonBodyMiddleware:
+    """POST / reads its body as JSON even without `Content-Type: application/json`.
+
+    The tutorial's server did, and its clients rely on it: `requests.post(url, data=json.dumps(...))`
+    sends no Content-Type, `curl -d '{...}'` sends form encoding. A body that is not JSON still
+    gets "not valid JSON" (400). Other routes keep FastAPI's rule, which refuses such bodies.
+    """
+
+    LENIENT = (b"", b"application/x-www-form-urlencoded")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_legacy_chat(scope):
+            headers = [(k, v) for k, v in scope.get("headers") or () if k != b"content-type"]
+            given = dict(scope.get("headers") or ()).get(b"content-type", b"")
+            if given.split(b";")[0].strip().lower() in self.LENIENT:
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

@@ -92,6 +92,7 @@ class LegacyChatRequest(SamplingFields):
     history: list[ChatMessage] | None = Field(None, description="Earlier turns, oldest first.")
     max_length: int | None = Field(None, ge=1, description="Total tokens, prompt included, as in model.chat.")
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate; wins over max_length.")
+    max_tokens: int | None = Field(None, ge=1, description="OpenAI's name for max_new_tokens (which wins if both are sent).")
     do_sample: bool = Field(True, description="false means greedy decoding.")
     stop: Stop = Field(None, description=f"Stop when one of these (up to {MAX_STOP_STRINGS}) appears.")
     stream: bool = Field(False, description="Answer as newline-delimited JSON chunks.")
@@ -107,6 +108,8 @@ class LegacyChatRequest(SamplingFields):
         prompt_tokens = len(prompt_ids)
         if self.max_new_tokens is not None:
             budget, field = self.max_new_tokens, "max_new_tokens"
+        elif self.max_tokens is not None:
+            budget, field = self.max_tokens, "max_tokens"
         elif self.max_length is not None:
             if self.max_length <= prompt_tokens:
                 raise InvalidRequest(
@@ -329,6 +332,14 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class LegacyErrorResponse(ErrorResponse):
+    """POST /'s errors also carry the endpoint's own keys, so the tutorial's client can read them."""
+
+    response: None = None
+    status: int
+    time: str
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "loading", "unavailable", "shutting_down"]
     model: str | None = None
@@ -343,6 +354,6 @@ class FaultRequest(StrictModel):
     )
 
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(*codes: int, model: type[BaseModel] = ErrorResponse) -> dict[int | str, dict[str, Any]]:
     """OpenAPI declarations of the error answers a route can give."""
-    return {code: {"model": ErrorResponse} for code in codes}
+    return {code: {"model": model} for code in codes}

@@ -66,7 +66,8 @@ class LegacyFormat:
                     line["usage"] = usage(event.prompt_tokens, event.completion_tokens).model_dump()
                 yield json.dumps(line, ensure_ascii=False) + "\n"
         except Exception as exc:
-            yield json.dumps({"error": error_payload(exc), "status": 503, "done": True}, ensure_ascii=False) + "\n"
+            line = {"response": None, "status": 503, "time": now_string(), "done": True, "error": error_payload(exc)}
+            yield json.dumps(line, ensure_ascii=False) + "\n"
 
 
 # --------------------------------------------------------------------------- OpenAI

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from minicpm_server.tiny import build_tiny_checkpoint
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 
@@ -40,6 +42,18 @@ def browser():
 @pytest.fixture(scope="module")
 def page_server(start_server, tiny_dir):
     return start_server("--model-path", tiny_dir, "--device", "cpu", "--log-prompts")
+
+
+SMALL_WINDOW = 256
+
+
+@pytest.fixture(scope="module")
+def small_page_server(start_server, tmp_path_factory):
+    """A server whose context window a few questions outgrow."""
+    path = build_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "MiniCPM-small", "tiny", seed=0, max_position_embeddings=SMALL_WINDOW
+    )
+    return start_server("--model-path", path, "--device", "cpu", "--log-prompts")
 
 
 def metric(url: str, name: str) -> float:
@@ -129,11 +143,16 @@ def test_stop_button_cancels_on_the_server(browser, page_server) -> None:
     page.click("#send")
     page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 5")
     assert metric(page_server.url, "minicpm_requests_running") == 1
+    cancelled = 'minicpm_requests_finished_total{reason="cancelled"}'
+    before = metric(page_server.url, cancelled)
     page.click("#stop")
-    deadline = time.monotonic() + 2
+    # Wait for the state, however slow the machine: the generation ended, and it ended cancelled
+    # (not by running its 900 tokens to the end). The timeout only stops a broken server hanging the suite.
+    deadline = time.monotonic() + 120
     while metric(page_server.url, "minicpm_requests_running") > 0:
         assert time.monotonic() < deadline, "the server kept generating after Stop"
         time.sleep(0.05)
+    assert metric(page_server.url, cancelled) == before + 1
     page.wait_for_selector("#send:not([hidden])")
     assert "stopped" in page.locator(".msg.assistant .stats").inner_text()
 
@@ -198,3 +217,76 @@ def test_api_key_prompt_and_phone_layout(browser, start_server, tiny_dir, tmp_pa
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390  # nothing overflows a phone-sized screen
     page.screenshot(path=str(tmp_path / "chat-phone.png"))
+
+
+def long_question(n: int) -> str:
+    """About 80 tokens: three of them alone are more than the small window holds."""
+    return (
+        f"QUESTION-{n} "
+        + "what is the highest mountain and the longest river near the city, how are you, hello world " * 4
+    )
+
+
+def test_long_conversation_drops_the_oldest_turns(browser, small_page_server, tmp_path: Path) -> None:
+    page, errors = open_page(browser, small_page_server.url)
+    # Max tokens left at "auto": the page sends no budget and the server answers in what the window has left.
+    for n in range(1, 5):
+        ask(page, long_question(n))
+    assert page.locator(".msg.error").count() == 0  # before: every message past the window was a red error
+    assert page.locator(".msg.assistant").count() == 4
+    notices = page.locator(".notice")
+    assert notices.count() >= 1
+    assert f"to fit the {SMALL_WINDOW}-token context window" in notices.first.inner_text()
+    # The dropped turns stay on screen, dimmed; the newest question is in the context.
+    assert "dropped" in page.locator(".msg.user").first.get_attribute("class")
+    assert "dropped" not in page.locator(".msg.user").last.get_attribute("class")
+    last = [line for line in small_page_server.log().splitlines() if "POST /v1/chat/completions status=200" in line][-1]
+    assert "<用户>QUESTION-4 " in last and "QUESTION-1 " not in last
+    page.screenshot(path=str(tmp_path / "chat-dropped-turns.png"), full_page=True)
+
+    # When even the question alone cannot fit (an explicit budget too large), the server's message is
+    # shown and the conversation is left as it was.
+    dropped = page.locator(".msg.dropped").count()
+    page.fill("#max_tokens", "100000")
+    ask(page, "too much")
+    error = page.locator(".msg.error").inner_text()
+    assert "400" in error and "max_tokens" in error
+    assert page.locator(".msg.dropped").count() == dropped
+    assert not errors
+
+
+def test_page_load_requests_nothing_that_404s(browser, page_server) -> None:
+    # A browser of its own: Chromium asks for /favicon.ico once and remembers the answer.
+    fresh = browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    try:
+        seen = len(page_server.log().splitlines())
+        page, errors = open_page(fresh, page_server.url)
+        failed: list[str] = []
+        page.on("response", lambda response: failed.append(response.url) if response.status >= 400 else None)
+        page.fill("#max_tokens", "5")
+        ask(page, "hello")  # a round trip after the page loaded, when Chromium fetches the icon it needs
+        served = page_server.log().splitlines()[seen:]
+        assert [line for line in served if "GET / status=200" in line], "the page load is not in the log"
+        assert not [line for line in served if "favicon" in line or "status=404" in line]
+        assert not failed and not errors
+        icon = page.evaluate("document.querySelector('link[rel=icon]')?.getAttribute('href') ?? ''")
+        assert icon.startswith("data:image/svg+xml,")  # inline: no request at all
+    finally:
+        fresh.close()
+
+
+def test_phone_shows_the_whole_placeholder(browser, page_server, tmp_path: Path) -> None:
+    page, _ = open_page(
+        browser, page_server.url, viewport={"width": 375, "height": 667}, is_mobile=True, has_touch=True
+    )
+    page.click("#settings-toggle")  # closed again, as a phone user first sees the page
+    box = page.locator("#input")
+    placeholder = box.get_attribute("placeholder")
+    assert "Ask" in placeholder and "问题" in placeholder
+    # The placeholder typed in as text, in the same font and width: it must fit without scrolling.
+    box.fill(placeholder)
+    scroll_height, client_height = box.evaluate("el => [el.scrollHeight, el.clientHeight]")
+    assert scroll_height <= client_height, "the placeholder is cut off"
+    box.fill("")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.screenshot(path=str(tmp_path / "chat-phone-375.png"))

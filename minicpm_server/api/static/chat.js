@@ -1,10 +1,14 @@
 // The chat page: streams answers from /v1/chat/completions and keeps the conversation in memory.
 // Model output is always escaped before the few Markdown tags we add, so it can never inject HTML.
+// When the conversation outgrows the model's context window, the oldest turns are dropped (and the
+// page says so) rather than failing every message from then on.
 "use strict";
 
 const KEY_STORAGE = "minicpm-api-key";
 const $ = (id) => document.getElementById(id);
-const state = { messages: [], controller: null, config: null };
+// messages: the conversation sent with each question, oldest first, as {role, content, el} (el: its
+// bubble). chat: bumped by New chat, so an answer still finishing lands in no later conversation.
+const state = { messages: [], controller: null, config: null, chat: 0 };
 
 function escapeHtml(text) {
   return text.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -98,10 +102,10 @@ function numberSetting(id) {
   return value === "" ? undefined : Number(value);
 }
 
-function requestBody() {
+function requestBody(messages) {
   const body = {
     model: state.config ? state.config.model : "minicpm",
-    messages: state.messages,
+    messages: messages.map(({ role, content }) => ({ role, content })),
     stream: true,
     stream_options: { include_usage: true },
   };
@@ -112,12 +116,37 @@ function requestBody() {
   return body;
 }
 
-async function errorMessage(response) {
-  let detail = "";
-  try { detail = (await response.json()).error.message; } catch (_) { detail = response.statusText; }
+async function readError(response) {
+  try {
+    const { error } = await response.json();
+    if (error && error.message) return error;
+  } catch (_) { /* not JSON */ }
+  return { message: response.statusText };
+}
+
+function errorMessage(status, error) {
   const hints = { 400: "Bad request", 401: "API key needed or wrong", 413: "Message too long", 429: "Server busy, try again shortly",
                   503: "Server unavailable", 504: "Timed out" };
-  return `${hints[response.status] || "Error"} (${response.status}): ${detail}`;
+  return `${hints[status] || "Error"} (${status}): ${error.message}`;
+}
+
+// The conversation no longer fits: the oldest `turns` user+assistant pairs leave the history sent to
+// the model. Their bubbles stay on screen, dimmed, and a notice says what happened.
+function dropOldestTurns(turns, before) {
+  for (const message of state.messages.splice(0, 2 * turns)) {
+    if (message.el) {
+      message.el.classList.add("dropped");
+      message.el.title = "No longer in the model's context · 已不在模型的上下文中";
+    }
+  }
+  const size = state.config && state.config.context_window;
+  const which = turns === 1 ? "the oldest turn" : `the ${turns} oldest turns`;
+  const notice = document.createElement("div");
+  notice.className = "notice";
+  notice.setAttribute("role", "status");
+  notice.textContent = `Dropped ${which} to fit the ${size ? `${size}-token ` : ""}context window · ` +
+    `已移除最早的 ${turns} 轮对话以适应上下文长度`;
+  $("messages").insertBefore(notice, before);
 }
 
 async function* serverEvents(response) {
@@ -151,24 +180,36 @@ async function send() {
   const text = $("input").value.trim();
   if (!text || state.controller) return;
   $("input").value = "";
-  addMessage("user", text);
-  state.messages.push({ role: "user", content: text });
+  const question = { role: "user", content: text, el: addMessage("user", text) };
   const bubble = addMessage("assistant", "");
   bubble.classList.add("pending");
+  const chat = state.chat;
   state.controller = new AbortController();
   setBusy(true);
   const started = performance.now();
   let answer = "", firstAt = null, tokens = null, failed = false;
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: state.controller.signal,
-    });
-    if (!response.ok) {
+    // Too long for the context window: leave out the oldest turn and ask again, until it fits or only
+    // the new question is left (then the server's message is shown). Nothing is dropped for good
+    // unless a request gets through.
+    let turns = 0, response;
+    for (;;) {
+      const messages = [...state.messages.slice(2 * turns), question];
+      response = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(), body: JSON.stringify(requestBody(messages)), signal: state.controller.signal,
+      });
+      if (response.ok) break;
+      const error = await readError(response);
+      if (response.status === 400 && error.code === "context_length_exceeded" && messages.length > 2) {
+        turns += 1;
+        continue;
+      }
       failed = true;
-      showError(bubble, await errorMessage(response));
+      showError(bubble, errorMessage(response.status, error));
       if (response.status === 401) askForKey();
       return;
     }
+    if (turns > 0) dropOldestTurns(turns, bubble);
     for await (const event of serverEvents(response)) {
       if (event.error) { failed = true; showError(bubble, `Error: ${event.error.message}`); break; }
       if (event.usage) tokens = event.usage.completion_tokens;
@@ -185,10 +226,9 @@ async function send() {
     state.controller = null;
     setBusy(false);
     bubble.classList.remove("pending");
-    if (failed) {
-      state.messages.pop();  // the question stays on screen but not in the history sent next time
-    } else {
-      state.messages.push({ role: "assistant", content: answer });
+    // A failed question stays on screen but is not in the history sent next time.
+    if (!failed && chat === state.chat) {
+      state.messages.push(question, { role: "assistant", content: answer, el: bubble });
       showAnswer(bubble, answer, stats(started, firstAt, tokens, answer));
     }
     $("input").focus();
@@ -206,6 +246,7 @@ function stats(started, firstAt, tokens, answer) {
 
 function newChat() {
   if (state.controller) state.controller.abort();
+  state.chat += 1;
   state.messages = [];
   $("messages").replaceChildren();
   $("input").focus();

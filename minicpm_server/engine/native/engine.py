@@ -200,8 +200,10 @@ class NativeEngine:
 
     @property
     def num_running(self) -> int:
+        """Sequences in the batch plus those being prefilled to join it: a request whose first
+        token has been sent is counted, even while its prefill's join is still under way."""
         batch = self._batch
-        return len(batch.seqs) if batch is not None else 0
+        return (len(batch.seqs) if batch is not None else 0) + len(self._admitting)
 
     @property
     def num_waiting(self) -> int:
@@ -339,7 +341,9 @@ class NativeEngine:
         joining = _Batch(rows, cache, mask)
         first = sample_next_tokens(out.logits[:, -1].float(), seen, rows.sampling, self._shared_generator)
         self._accept_tokens(joining, first)
-        self._batch = joining if self._batch is None else self._join(self._batch, joining)
+        joined = joining if self._batch is None else self._join(self._batch, joining)
+        self._admitting = []  # counted in the batch from here on
+        self._batch = joined
         self._drop_finished()
 
     def _new_sequence(self, handle: GenerationHandle) -> _Sequence:

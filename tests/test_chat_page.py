@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from minicpm_server.tiny import build_tiny_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

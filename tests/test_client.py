@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import requests
-from minicpm_server.tiny import build_tiny_checkpoint
 
 import client
+from minicpm_server.model.tiny import build_tiny_checkpoint
 from tests.conftest import REPO, free_port
 
 SMALL_WINDOW = 256

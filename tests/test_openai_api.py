@@ -140,7 +140,9 @@ def test_same_seed_same_answer(sdk) -> None:
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"tool_choice": "required"}, "tool_choice"),
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": 100000}, "max_tokens"),
         ({"messages": []}, "messages"),
@@ -279,3 +281,42 @@ def test_client_stream_flag(server) -> None:
         timeout=60,
     )
     assert out.returncode == 0 and out.stdout.endswith("\n")
+
+
+def test_harmless_openai_fields_are_accepted(sdk) -> None:
+    """What Open WebUI, LangChain and others send and cannot change the answer: accepted, like vLLM."""
+    r = sdk.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        metadata={"app": "test"},
+        store=False,
+        service_tier="auto",
+        reasoning_effort="low",
+        modalities=["text"],
+        tool_choice="none",
+        parallel_tool_calls=False,
+        user="someone",
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_min_p_and_openai_penalties_change_the_answer(server) -> None:
+    def complete(**extra) -> str:
+        body = {"prompt": "penalties", "max_tokens": 24, "temperature": 0, "ignore_eos": True, **extra}
+        r = requests.post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    plain = complete()
+    assert complete(frequency_penalty=2.0, presence_penalty=2.0) != plain  # greedy: the penalties made the difference
+    # min_p 1.0 keeps only the top token: sampling at any temperature gives the greedy answer.
+    assert complete(temperature=1.5, top_p=1.0, min_p=1.0, seed=3) == plain
+
+
+def test_retrieve_model(sdk, server) -> None:
+    name = sdk.models.list().data[0].id
+    assert sdk.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.models.retrieve("gpt-4")
+    assert info.value.body["code"] == "model_not_found"

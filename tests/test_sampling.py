@@ -7,6 +7,7 @@ import torch
 
 from minicpm_server.engine.native.sampling import (
     BatchSampling,
+    apply_presence_frequency,
     apply_repetition_penalty,
     candidate_weights,
     sample_next_tokens,
@@ -120,3 +121,18 @@ def test_stop_prefix_overlap_holds_back_partial_stops() -> None:
     assert stop_prefix_overlap("answer <A", ("<AI>",)) == 2
     assert stop_prefix_overlap("answer <", ("<AI>", "<用户>")) == 1
     assert stop_prefix_overlap("answer", ("<AI>",)) == 0
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top() -> None:
+    logits = torch.tensor([[2.0, 1.5, 0.0, -1.0]])  # probabilities ~0.55, 0.33, 0.07, 0.03
+    params = batch(SamplingParams(max_new_tokens=1, temperature=1.0, top_p=1.0, min_p=0.5))
+    ids, weights = candidate_weights(logits, params.top_k, params.top_p, params.min_p)
+    kept = set(ids[0][weights[0] > 0].tolist())
+    assert kept == {0, 1}  # 0.33 >= 0.5 x 0.55; 0.07 is not
+
+
+def test_presence_and_frequency_penalties_follow_openai() -> None:
+    logits = torch.zeros(1, 4)
+    counts = torch.tensor([[0, 1, 3, 0]], dtype=torch.int32)
+    out = apply_presence_frequency(logits, counts, torch.tensor([0.5]), torch.tensor([0.25]))
+    assert out.tolist() == [[0.0, -0.75, -1.25, 0.0]]  # -(presence once + frequency x count)

@@ -125,6 +125,14 @@ def openai_routes() -> APIRouter:
         service = _service(request)
         return ModelList(data=[ModelCard(id=service.settings.model_name, created=service.created)])
 
+    @router.get("/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404))
+    async def retrieve_model(model_id: str, request: Request) -> Any:
+        service = _service(request)
+        if model_id != service.settings.model_name:
+            message = f"no model '{model_id}': this server serves '{service.settings.model_name}'"
+            raise APIError(404, message, param="model", code="model_not_found")
+        return ModelCard(id=model_id, created=service.created)
+
     @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=errors)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await _openai_generation(request, body, ChatFormat())

@@ -65,6 +65,13 @@ class SamplingFields(StrictModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = Field(False, description="Keep generating after the end-of-sequence token.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's probability.")
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Subtracted from the logit of every token already generated."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Subtracted once per time a token has been generated."
+    )
 
     def sampling_params(self, max_new_tokens: int, stop: tuple[str, ...], do_sample: bool = True) -> SamplingParams:
         """Fields the client left out take SamplingParams' defaults (the tutorial's)."""
@@ -73,6 +80,9 @@ class SamplingFields(StrictModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "repetition_penalty": self.repetition_penalty,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
         }
         chosen = {name: value for name, value in given.items() if value is not None}
         return SamplingParams(
@@ -160,10 +170,13 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     stop: Stop = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
     n: int = Field(1, ge=1, description="Only 1 is supported.")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0; use repetition_penalty.")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0; use repetition_penalty.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
+    # Accepted and ignored: they cannot change the answer (OpenAI clients such as Open WebUI and
+    # LangChain send some of them).
     user: Text | None = Field(None, description="An end-user id; recorded nowhere.")
+    metadata: dict[str, Text] | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Accepted and ignored: nothing is stored.")
+    service_tier: Text | None = Field(None, description="Accepted and ignored.")
 
     def require_supported(self) -> None:
         """A 400 for the first field set to something we cannot do: never silently ignored."""
@@ -176,9 +189,6 @@ class OpenAIFields(SamplingFields):
         """The first field set to something we cannot do, with why."""
         if self.n != 1:
             return "n", "only n=1 is supported"
-        if self.presence_penalty or self.frequency_penalty:
-            name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            return name, "not supported; use repetition_penalty"
         if self.logit_bias:
             return "logit_bias", "not supported"
         if self.stream_options is not None and not self.stream:
@@ -196,12 +206,18 @@ class ChatCompletionRequest(OpenAIFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored: no tools are called.")
+    reasoning_effort: Text | None = Field(None, description="Accepted and ignored: MiniCPM-2B does not reason apart.")
+    modalities: list[Text] | None = Field(None, description='Only ["text"].')
 
     def unsupported(self) -> tuple[str, str] | None:
-        for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
+        for name in ("tools", "functions", "function_call"):
             if getattr(self, name) not in (None, []):
                 return name, "tool and function calling are not supported by MiniCPM-2B"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool and function calling are not supported by MiniCPM-2B"
+        if self.modalities not in (None, ["text"]):
+            return "modalities", 'only ["text"] is supported'
         if self.logprobs or self.top_logprobs is not None:
             return ("logprobs" if self.logprobs else "top_logprobs"), "log probabilities are not supported"
         if self.response_format is not None and self.response_format != {"type": "text"}:

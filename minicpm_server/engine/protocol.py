@@ -32,6 +32,9 @@ class SamplingParams:
     top_p: float = DEFAULT_TOP_P
     top_k: int = 0
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+    min_p: float = 0.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from tokens already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
     do_sample: bool = True
     seed: int | None = None
     stop: tuple[str, ...] = ()

@@ -137,6 +137,7 @@ class _Rows(RowState):
     last: torch.Tensor  # [B] long, the token fed into the next step
     positions: torch.Tensor  # [B] long, its position id
     seen: torch.Tensor  # [B, V] bool, tokens in each context (repetition penalty)
+    counts: torch.Tensor  # [B, V] int32, times each token was generated (presence/frequency penalties)
     sampling: BatchSampling
 
 
@@ -336,10 +337,11 @@ class NativeEngine:
             last=ids[:, -1],
             positions=torch.tensor([len(p) for p in prompts], device=self.device),
             seen=seen,
+            counts=torch.zeros(len(handles), self.vocab_size, dtype=torch.int32, device=self.device),
             sampling=BatchSampling.build([h.params for h in handles], generators, self.device),
         )
         joining = _Batch(rows, cache, mask)
-        first = sample_next_tokens(out.logits[:, -1].float(), seen, rows.sampling, self._shared_generator)
+        first = sample_next_tokens(out.logits[:, -1].float(), seen, rows.sampling, self._shared_generator, rows.counts)
         self._accept_tokens(joining, first)
         joined = joining if self._batch is None else self._join(self._batch, joining)
         self._admitting = []  # counted in the batch from here on
@@ -381,14 +383,18 @@ class NativeEngine:
             use_cache=True,
         )
         rows.positions = rows.positions + 1
-        tokens = sample_next_tokens(out.logits[:, -1].float(), rows.seen, rows.sampling, self._shared_generator)
+        tokens = sample_next_tokens(
+            out.logits[:, -1].float(), rows.seen, rows.sampling, self._shared_generator, rows.counts
+        )
         self._accept_tokens(batch, tokens)
         self._drop_finished()
 
     def _accept_tokens(self, batch: _Batch, tokens: torch.Tensor) -> None:
         """Record each row's new token, turn it into text, and decide whether the row is done."""
         batch.rows.last = tokens
-        batch.rows.seen[torch.arange(len(tokens), device=self.device), tokens] = True
+        every_row = torch.arange(len(tokens), device=self.device)
+        batch.rows.seen[every_row, tokens] = True
+        batch.rows.counts[every_row, tokens] += 1
         events: list[tuple[GenerationHandle, Event]] = []
         for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
             if seq.handle.cancelled:

@@ -25,6 +25,9 @@ class BatchSampling(RowState):
     top_p: torch.Tensor  # [B] float
     top_k: torch.Tensor  # [B] long, 0 = off
     penalty: torch.Tensor  # [B] float
+    min_p: torch.Tensor  # [B] float, 0 = off
+    presence: torch.Tensor  # [B] float
+    frequency: torch.Tensor  # [B] float
     greedy: torch.Tensor  # [B] bool
     generators: list[torch.Generator | None]  # per row; None = the engine's shared generator
 
@@ -38,6 +41,9 @@ class BatchSampling(RowState):
             top_p=tensor([p.top_p for p in params], torch.float32),
             top_k=tensor([p.top_k for p in params], torch.long),
             penalty=tensor([p.repetition_penalty for p in params], torch.float32),
+            min_p=tensor([p.min_p for p in params], torch.float32),
+            presence=tensor([p.presence_penalty for p in params], torch.float32),
+            frequency=tensor([p.frequency_penalty for p in params], torch.float32),
             greedy=tensor([p.greedy for p in params], torch.bool),
             generators=list(generators),
         )
@@ -51,27 +57,41 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's penalties on generated tokens: minus presence once, minus frequency per occurrence."""
+    counts = counts.to(logits.dtype)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
 # A real chat model's nucleus at the tutorial's temperature 0.5 / top_p 0.8 is a handful of tokens;
 # when every row's kept set provably fits in this many candidates, we skip sorting the vocabulary.
 CANDIDATES = 256
 
 
 def candidate_weights(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [B, K] and their sampling weights [B, K] after top-k, then top-p on what top-k left.
+    """Token ids [B, K] and their sampling weights [B, K] after top-k, then top-p on what top-k
+    left, then min-p (tokens under min_p x the top token's probability are dropped).
 
     Exact: the cheap path over the top CANDIDATES tokens is used only when it keeps precisely the
     tokens a full sort would keep; otherwise the whole vocabulary is ranked.
     """
     vocab = scaled.shape[-1]
+    found = None
     if vocab > CANDIDATES and _shortcut_possible(scaled, top_k, top_p):
         found = _ranked_weights(scaled, top_k, top_p, CANDIDATES)
-        if found is not None:
-            return found
-    found = _ranked_weights(scaled, top_k, top_p, vocab)
+    if found is None:
+        found = _ranked_weights(scaled, top_k, top_p, vocab)
     assert found is not None  # ranking the whole vocabulary is always exact
-    return found
+    ids, weights = found
+    if min_p is not None and bool((min_p > 0).any()):
+        # Ranked best first, so column 0 is each row's top probability; min-p only removes tokens,
+        # and the top token is always among the candidates, so the shortcut stays exact.
+        weights = weights.masked_fill(weights < min_p[:, None] * weights[:, :1], 0.0)
+    return ids, weights
 
 
 def _shortcut_possible(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> bool:
@@ -110,16 +130,23 @@ def _ranked_weights(
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, seen: torch.Tensor, params: BatchSampling, shared: torch.Generator
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    params: BatchSampling,
+    shared: torch.Generator,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row from float32 logits [B, V]; `seen` [B, V] marks tokens in each context."""
+    """One token per row from float32 logits [B, V]; `seen` [B, V] marks tokens in each context,
+    `counts` [B, V] how often each was generated."""
     if bool((params.penalty != 1.0).any()):
         logits = apply_repetition_penalty(logits, seen, params.penalty)
+    if counts is not None and bool((params.presence != 0).any() or (params.frequency != 0).any()):
+        logits = apply_presence_frequency(logits, counts, params.presence, params.frequency)
     choice = logits.argmax(dim=-1)
     if bool(params.greedy.all()):
         return choice
     scaled = logits / params.temperature.clamp(min=1e-5)[:, None]
-    ids, weights = candidate_weights(scaled, params.top_k, params.top_p)
+    ids, weights = candidate_weights(scaled, params.top_k, params.top_p, params.min_p)
     picked = _inverse_cdf(weights, params.generators, shared)
     sampled = ids.gather(-1, picked[:, None]).squeeze(-1)
     return torch.where(params.greedy, choice, sampled)

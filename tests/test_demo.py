@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
+import pytest
 import requests
+
+from tests.conftest import REPO, free_port
 
 
 def test_demo_mode_serves_and_warns(start_server, tmp_path) -> None:
@@ -28,3 +33,42 @@ def test_demo_on_the_real_tokenizer(start_server, tmp_path, real_tokenizer) -> N
     assert answer.status_code == 200 and answer.json()["usage"]["prompt_tokens"] == 4  # BOS, "<", "用户", ">"
     [built] = (tmp_path / "minicpm-server").glob("minicpm-tiny-seed0*")
     assert "real-tokenizer" in built.name
+
+
+@pytest.mark.slow
+def test_demo_script_on_a_machine_without_torch(tmp_path) -> None:
+    """The README's one command, in a fresh virtual environment with no torch: it installs torch's
+    CPU build (no CUDA packages) and the pinned requirements, then serves the demo."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    port = free_port()
+    env = dict(os.environ, PYTHON=str(python), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("MINICPM_REAL_TOKENIZER", None)
+    log = open(tmp_path / "demo.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        ["bash", "scripts/demo.sh", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        answer = requests.post(f"http://127.0.0.1:{port}", json={"prompt": "你好", "max_length": 40}, timeout=60)
+        assert answer.status_code == 200
+        installed = subprocess.run([str(python), "-m", "pip", "list"], capture_output=True, text=True).stdout
+        assert "torch" in installed and "nvidia" not in installed.lower()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()

@@ -142,8 +142,9 @@ def test_bad_input_gets_a_clear_400(server, name: str, body, param: str | None) 
         assert param.split(".")[0] in error["message"]
 
 
-def test_missing_content_type_is_explained(server) -> None:
-    r = requests.post(server.url, data='{"prompt": "a"}', timeout=30)  # form content type, as `curl -d` sends
+def test_missing_content_type_is_explained_on_v1(server) -> None:
+    """POST / reads JSON without the header (the tutorial's clients); /v1 asks for it, and says so."""
+    r = requests.post(server.url + "/v1/completions", data='{"prompt": "a"}', timeout=30)  # as `curl -d` sends
     assert r.status_code == 400
     assert "Content-Type: application/json" in r.json()["error"]["message"]
 

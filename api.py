@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
         )
-        _check_port_free(settings.host, settings.port)
         if settings.demo:
             from minicpm_server.model.tiny import cached_tiny_checkpoint
 
@@ -49,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         from minicpm_server.model.checkpoint import preflight
 
         checked = preflight(settings.model_path, settings.device)
+        _check_port_free(settings.host, settings.port)
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, PortInUseError) else 2

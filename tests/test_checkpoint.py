@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -148,3 +149,38 @@ def test_cuda_requested_without_gpu_is_refused(tiny_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert_one_line_refusal(run_api("--model-path", str(tiny_dir), "--device", "cuda"), "CUDA")
+
+
+def test_port_in_use_is_one_line_and_exit_1(tiny_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(REPO / "api.py"), "--model-path", str(tiny_dir), "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "already in use" in errors[0] and "--port" in errors[0]
+    assert "Traceback" not in result.stderr and "terminate called" not in result.stderr
+
+
+def test_demo_honours_device_choice(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "api.py"), "--demo", "--device", "cuda", "--host", "127.0.0.1", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    assert result.returncode == 2 and "CUDA" in result.stderr.splitlines()[-1]

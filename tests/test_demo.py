@@ -35,6 +35,14 @@ def test_demo_on_the_real_tokenizer(start_server, tmp_path, real_tokenizer) -> N
     assert "real-tokenizer" in built.name
 
 
+def test_demo_honours_dtype(start_server, tmp_path) -> None:
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    env.pop("MINICPM_REAL_TOKENIZER", None)
+    demo = start_server("--demo", "--dtype", "bfloat16", env=env)
+    assert requests.post(demo.url, json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+    assert "as torch.bfloat16" in demo.log()
+
+
 @pytest.mark.slow
 def test_demo_script_on_a_machine_without_torch(tmp_path) -> None:
     """The README's one command, in a fresh virtual environment with no torch: it installs torch's

@@ -282,6 +282,23 @@ def test_shutdown_timeout_cancels_the_rest(start_server, long_dir) -> None:
     assert server.proc.wait(60) == 0
 
 
+def test_second_signal_stops_at_once_with_json_503(start_server, long_dir) -> None:
+    """With a drain that would wait ten minutes, the second Ctrl-C answers the request in flight
+    with a JSON 503 and the process exits 0, without tracebacks."""
+    server = start_server("--model-path", long_dir, "--device", "cpu", "--shutdown-timeout", "600")
+    url, body = long_generation(server.url, HOLD_TOKENS)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(requests.post, url, json=body, timeout=300)
+        wait_for_metric(server.url, "minicpm_requests_running", lambda v: v == 1)
+        server.proc.send_signal(signal.SIGINT)
+        wait_for_health(server.url, "shutting_down")
+        server.proc.send_signal(signal.SIGINT)
+        result = pending.result()
+    assert result.status_code == 503 and result.headers["content-type"].startswith("application/json")
+    assert server.proc.wait(120) == 0
+    assert "Traceback" not in server.log()
+
+
 def wait_for_health(url: str, status: str, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
     while (body := requests.get(url + "/health", timeout=30).json()).get("status") != status:

@@ -47,7 +47,14 @@ def post_lines(server) -> list[tuple[int, int]]:
     return [(int(p), int(c)) for p, c in found]
 
 
-def test_client_cli_one_question(server) -> None:
+@pytest.fixture(scope="module")
+def cli_server(start_server, tiny_dir):
+    """A server of their own for the CLI tests, which read its log: no other test's line lands in it."""
+    return start_server("--model-path", tiny_dir, "--device", "cpu")
+
+
+def test_client_cli_one_question(cli_server) -> None:
+    server = cli_server
     before = len(post_lines(server))
     out = subprocess.run(
         ["python", "client.py", "--url", server.url, "--max-length", "80", "hello"],
@@ -61,7 +68,8 @@ def test_client_cli_one_question(server) -> None:
     assert prompt_tokens + completion_tokens <= 80  # --max-length counts the prompt, as in model.chat
 
 
-def test_client_interactive_mode_sends_history(server) -> None:
+def test_client_interactive_mode_sends_history(cli_server) -> None:
+    server = cli_server
     proc = subprocess.run(
         ["python", "client.py", "--url", server.url, "--max-new-tokens", "40"],
         input="first question\nsecond question\n\n",

@@ -12,12 +12,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from starlette.requests import Request
 
 from minicpm_server.api.errors import APIError, ClientDisconnected
 from minicpm_server.api.metrics import Metrics
+from minicpm_server.api.protocol import GenerationBody
 from minicpm_server.engine.protocol import Completion, Engine, Finished, GenerationHandle, GenerationRequest, TextDelta
 
 
@@ -27,14 +27,14 @@ class PreparedRequest:
     prompt_text: str
 
 
-def prepare(engine: Engine, body: Any) -> PreparedRequest:
+def prepare(engine: Engine, body: GenerationBody) -> PreparedRequest:
     """Render, tokenize and convert a generation body (LegacyChatRequest, ChatCompletionRequest, ...)."""
     text = body.prompt_text(engine.tokenizer)
     ids = engine.tokenizer.encode(text)
     return PreparedRequest(body.to_generation_request(ids, engine.context_window), text)
 
 
-async def submit(engine: Engine, body: Any, request: Request, metrics: Metrics, timeout: float) -> TrackedGeneration:
+async def submit(engine: Engine, body: GenerationBody, request: Request, metrics: Metrics, timeout: float) -> TrackedGeneration:
     """Rendering and tokenizing a long history takes real time: it runs off the event loop."""
     prepared = await asyncio.to_thread(prepare, engine, body)
     return TrackedGeneration.submit(engine, prepared, request, metrics, timeout)

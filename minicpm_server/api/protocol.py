@@ -11,7 +11,7 @@ engine's GenerationRequest: the token budget and the field that set it, the samp
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -45,6 +45,14 @@ Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 MAX_STOP_STRINGS = 32
 StopText = Annotated[Text, Field(min_length=1, max_length=1000)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)] | None
+
+
+class GenerationBody(Protocol):
+    """What every generation request model does: render its prompt, then convert itself."""
+
+    def prompt_text(self, tokenizer: Tokenizer) -> str: ...
+
+    def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest: ...
 
 
 class StrictModel(BaseModel):

@@ -12,8 +12,11 @@ if TYPE_CHECKING:
 
 def create_engine(settings: Settings, checkpoint: LoadedCheckpoint) -> Engine:
     """The one place a backend is chosen from the settings (today: our native engine)."""
+    import torch
+
     from minicpm_server.engine.native.engine import NativeEngine
 
+    torch.manual_seed(settings.seed)  # the tutorial seeds torch once at start-up; so do we
     return NativeEngine(
         checkpoint.model,
         checkpoint.tokenizer,

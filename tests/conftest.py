@@ -148,6 +148,15 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def log_lines(self, needle: str, at_least: int = 1, timeout: float = 120) -> list[str]:
+        """The log's lines containing `needle`, once there are `at_least` of them. A request's line
+        is written just after its answer is sent, so a test that has its answer may be early."""
+        deadline = time.monotonic() + timeout
+        while len(found := [line for line in self.log().splitlines() if needle in line]) < at_least:
+            assert time.monotonic() < deadline, f"fewer than {at_least} log lines with {needle!r}:\n{self.log()[-2000:]}"
+            time.sleep(0.05)
+        return found
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

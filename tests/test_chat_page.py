@@ -102,9 +102,8 @@ def test_two_turns_stream_and_keep_history(browser, page_server, tmp_path: Path)
     ask(page, "second question")
     assert page.locator(".msg.user").count() == 2 and page.locator(".msg.assistant").count() == 2
     page.screenshot(path=str(tmp_path / "chat-desktop.png"))
-    time.sleep(0.2)
     # The second request's prompt, as the server logged it (--log-prompts), carries the whole conversation.
-    prompts = [line for line in page_server.log().splitlines() if "POST /v1/chat/completions status=200" in line]
+    prompts = page_server.log_lines("<用户>second question<AI>")
     assert "first question<AI>" in prompts[-1] and "<用户>second question<AI>" in prompts[-1]
     assert not errors
 
@@ -240,7 +239,7 @@ def test_long_conversation_drops_the_oldest_turns(browser, small_page_server, tm
     # The dropped turns stay on screen, dimmed; the newest question is in the context.
     assert "dropped" in page.locator(".msg.user").first.get_attribute("class")
     assert "dropped" not in page.locator(".msg.user").last.get_attribute("class")
-    last = [line for line in small_page_server.log().splitlines() if "POST /v1/chat/completions status=200" in line][-1]
+    last = small_page_server.log_lines("QUESTION-4")[-1]
     assert "<用户>QUESTION-4 " in last and "QUESTION-1 " not in last
     page.screenshot(path=str(tmp_path / "chat-dropped-turns.png"), full_page=True)
 

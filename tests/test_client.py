@@ -77,7 +77,7 @@ def test_long_chat_drops_the_oldest_turns_instead_of_failing(small_server, strea
             *(f"(dropped the {n} oldest turns to fit the {SMALL_WINDOW}-token context window)" for n in (2, 3)),
         )
     # What the model saw last: the newest question, without the first ones.
-    last = logged_prompts(small_server)[-1]
+    last = small_server.log_lines("QUESTION-4")[-1]
     assert "<用户>QUESTION-4 " in last and "QUESTION-1 " not in last
 
 

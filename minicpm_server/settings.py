@@ -82,6 +82,42 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         8192, ge=1, description=_env("max_prefill_tokens", "Prompt tokens admitted per engine step.")
     )
+    engine: Literal["auto", "native", "vllm"] = Field(
+        "auto",
+        description=_env(
+            "engine", "Generation backend. auto: vllm when it is installed and the device is CUDA, else native."
+        ),
+    )
+    kv_cache_gb: float | None = Field(
+        None,
+        gt=0,
+        description=_env(
+            "kv_cache_gb", "KV cache size in GB on CPU (vllm: VLLM_CPU_KVCACHE_SPACE, default 4). On CUDA, see the next."
+        ),
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description=_env(
+            "gpu_memory_utilization", "vllm: share of GPU memory for weights, activations and the KV cache."
+        ),
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description=_env("max_model_len", "Context window cap (default: the checkpoint's, 4096).")
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description=_env("tensor_parallel_size", "vllm: GPUs to split each layer across.")
+    )
+    enable_prefix_caching: bool = Field(
+        True,
+        description=_env(
+            "enable_prefix_caching", "vllm: reuse the KV of prompt prefixes seen before (chats resend their history)."
+        ),
+    )
+    quantization: Literal["fp8"] | None = Field(
+        None, description=_env("quantization", "vllm: 'fp8' quantizes the weights at load (Ada/Hopper GPUs).")
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description=_env("log_level", "Log level."))
 
     @property

@@ -194,10 +194,10 @@ def ui_routes() -> APIRouter:
     @router.get("/ui/config")
     async def ui_config(request: Request) -> dict[str, Any]:
         service = _service(request)
-        checkpoint = service.checkpoint
+        engine = service.engine
         return {
             "model": service.settings.model_name,
-            "context_window": checkpoint.context_window if checkpoint else None,
+            "context_window": engine.context_window if engine else None,
             "auth_required": bool(service.settings.api_key),
             "defaults": {
                 "temperature": DEFAULT_TEMPERATURE,

@@ -367,6 +367,7 @@ class LegacyErrorResponse(ErrorResponse):
 class HealthResponse(BaseModel):
     status: Literal["ok", "loading", "unavailable", "shutting_down"]
     model: str | None = None
+    engine: str | None = None  # the backend serving: "native" or "vllm"
     running: int = 0
     waiting: int = 0
     detail: str | None = None

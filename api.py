@@ -45,9 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             settings = settings.model_copy(update=update)
             log.warning("demo mode: the model has random weights, so its answers are random text")
         # Refuse what can be known before listening, so these failures are one line and exit 2.
+        from minicpm_server.engine import choose_backend
         from minicpm_server.model.checkpoint import preflight
 
         checked = preflight(settings.model_path, settings.device)
+        choose_backend(settings.engine, checked.device.type)  # --engine vllm without vLLM fails here
         _check_port_free(settings.host, settings.port)
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)

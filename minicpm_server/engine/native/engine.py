@@ -27,6 +27,7 @@ The engine knows nothing of HTTP.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections import deque
@@ -120,6 +121,7 @@ class NativeEngine:
         self.tokenizer = tokenizer
         self.device: torch.device = next(model.parameters()).device
         self.vocab_size = int(model.config.vocab_size)
+        self._cache_kwarg = cache_argument_name(model)
         self.context_window = context_window
         self.eos_token_id = eos_token_id
         self.max_batch = max_batch
@@ -268,7 +270,12 @@ class NativeEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = GrowableCache(self.model.config.num_hidden_layers)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: cache},
         )
         cache.zero_padding(mask)
         seen = torch.zeros(len(handles), self.vocab_size, dtype=torch.bool, device=self.device)
@@ -321,8 +328,8 @@ class NativeEngine:
             input_ids=rows.last[:, None],
             attention_mask=batch.mask,
             position_ids=rows.positions[:, None],
-            cache=batch.cache,
             use_cache=True,
+            **{self._cache_kwarg: batch.cache},
         )
         rows.positions = rows.positions + 1
         tokens = sample_next_tokens(
@@ -403,6 +410,13 @@ class NativeEngine:
             if isinstance(event, Finished):
                 self._counters.finished[event.reason] += 1
         emit_all(events)
+
+
+def cache_argument_name(model: Any) -> str:
+    """transformers 5 renamed forward's `past_key_values` to `cache` part-way through the 5.x
+    releases (5.19 has the old name, 5.24 the new), and an unknown keyword is silently swallowed,
+    so ask the model which one it takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _describe_failure(exc: Exception) -> str:

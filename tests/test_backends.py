@@ -75,7 +75,7 @@ def answers(server: ServerProcess) -> list[tuple]:
         out.append((done["choices"][0]["text"], done["choices"][0]["finish_reason"], done["usage"]))
         said = chat(server, prompt).json()
         out.append((said["choices"][0]["message"]["content"], said["choices"][0]["finish_reason"], said["usage"]))
-        legacy = requests.post(server.url + "/", json={"prompt": prompt, "history": [], "max_length": 200, "temperature": 0})
+        legacy = requests.post(server.url + "/", json={"prompt": prompt, "history": [], "max_length": 120, "temperature": 0})
         out.append((legacy.json()["response"], legacy.json()["status"]))
     return out
 
@@ -210,6 +210,7 @@ def test_engine_failure_is_a_503_and_serving_goes_on(backend) -> None:
     failed = requests.post(backend.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=300)
     assert failed.status_code == 503 and "out of memory" in failed.json()["error"]["message"]
     assert metric(backend.url, "minicpm_engine_failures_total") == failures + 1
+    assert not [line for line in backend.log_lines("status=503") if "cancelled" in line]  # failed, not cancelled
     assert complete(backend, "after the failure", max_tokens=4)["usage"]["completion_tokens"] >= 1
 
 

@@ -161,3 +161,18 @@ def test_stop_strings_end_the_answer(loaded) -> None:
 
     full, stop, cut = run(loaded, body)
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_cache_is_passed_under_the_name_forward_takes() -> None:
+    """transformers renamed `past_key_values` to `cache` within 5.x; an unknown keyword would be
+    swallowed and the engine's cache left empty, so the engine asks the model."""
+    from minicpm_server.engine.native.engine import cache_argument_name
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class New:
+        def forward(self, input_ids, cache=None, **kwargs): ...
+
+    assert cache_argument_name(Old()) == "past_key_values"
+    assert cache_argument_name(New()) == "cache"

@@ -18,7 +18,16 @@ from starlette.requests import Request
 from minicpm_server.api.errors import APIError, ClientDisconnected
 from minicpm_server.api.metrics import Metrics
 from minicpm_server.api.protocol import GenerationBody
-from minicpm_server.engine.protocol import Completion, Engine, Finished, GenerationHandle, GenerationRequest, TextDelta
+from minicpm_server.engine.protocol import (
+    Completion,
+    Engine,
+    EngineError,
+    EngineUnavailableError,
+    Finished,
+    GenerationHandle,
+    GenerationRequest,
+    TextDelta,
+)
 
 
 @dataclass
@@ -82,6 +91,7 @@ class TrackedGeneration:
 
     async def events(self) -> AsyncIterator[TextDelta | Finished]:
         source = self.handle.events()
+        failed = False
         try:
             while True:
                 try:
@@ -98,8 +108,11 @@ class TrackedGeneration:
                 yield event
                 if isinstance(event, Finished):
                     return
+        except (EngineError, EngineUnavailableError):
+            failed = True  # the engine ended it: a failure, not a cancellation
+            raise
         finally:
-            if self.finished is None:
+            if self.finished is None and not failed:
                 self.handle.cancel()  # the consumer stopped early: free the engine's slot now
                 self.request.state.cancelled = True
 

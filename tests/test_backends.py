@@ -237,3 +237,22 @@ def test_every_sampling_field_reaches_vllm() -> None:
     assert not theirs.stop and not theirs.detokenize  # stop strings and text stay ours
     greedy = vllm_sampling_params(SamplingParams(max_new_tokens=5, do_sample=False, ignore_eos=True), 2)
     assert greedy.temperature == 0.0 and greedy.ignore_eos and not greedy.stop_token_ids
+
+
+@pytest.mark.vllm
+@NEEDS_VLLM
+def test_demo_serves_on_vllm(start_server, tmp_path: Path) -> None:
+    """`python api.py --demo --engine vllm`: the demo checkpoint, its Granite copy, vLLM on CPU."""
+    import os
+
+    # A fresh demo cache: built, copied to Granite format and loaded from scratch.
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / ".cache")}
+    demo = start_server("--demo", "--engine", "vllm", "--kv-cache-gb", "1", env=env, wait=False)
+    try:
+        demo.wait_ready(timeout=VLLM_START_TIMEOUT)
+        assert requests.get(demo.url + "/health", timeout=30).json()["engine"] == "vllm"
+        answer = requests.post(demo.url + "/", json={"prompt": "你好", "max_length": 40}, timeout=300).json()
+        assert answer["status"] == 200 and isinstance(answer["response"], str)
+        assert list(tmp_path.glob(".cache/minicpm-server/*-granite/model.safetensors"))
+    finally:
+        demo.stop()

@@ -116,7 +116,9 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True,
         description=_env(
-            "enable_prefix_caching", "vllm: reuse the KV of prompt prefixes seen before (chats resend their history)."
+            "enable_prefix_caching",
+            "Reuse the KV of prompt prefixes seen before (chats resend their history); both engines. native: "
+            "cached prefixes live in the KV cache and are evicted, least recently used first, when space is needed.",
         ),
     )
     quantization: Literal["fp8"] | None = Field(

@@ -74,6 +74,7 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
         seed=settings.seed,
         kv_cache_gb=settings.kv_cache_gb,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        prefix_caching=settings.enable_prefix_caching,
     )
 
 

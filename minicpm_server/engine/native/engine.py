@@ -14,6 +14,9 @@ penalty per request (the tutorial's defaults need one). So the engine drives the
   request reserves all the blocks it can need when it is admitted, so memory in use never
   exceeds the budget and a running request never fails for lack of it. Rows are ragged: each
   reads only its own blocks, and padding costs at most the tail of each row's last block.
+* Prefix reuse: a finished request's full blocks (prompt and answer) stay in the pool, indexed
+  by their tokens, until the space is needed (least recently used first). A chat's next turn
+  resends that history, finds those blocks, and prefills only what is new.
 * Sampling is per row (sampling.py): temperature, top-k, top-p, repetition penalty, greedy, and
   a private random generator for requests that give a seed.
 * Text leaves through an incremental detokenizer that never splits a UTF-8 character; stop
@@ -137,7 +140,7 @@ class NativeEngine:
         gpu_memory_utilization: float = 0.9,
         kv_cache_tokens: int | None = None,
         block_size: int = 16,
-        prefix_caching: bool = False,
+        prefix_caching: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer

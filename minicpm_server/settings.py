@@ -92,7 +92,9 @@ class Settings(BaseSettings):
         None,
         gt=0,
         description=_env(
-            "kv_cache_gb", "KV cache size in GB on CPU (vllm: VLLM_CPU_KVCACHE_SPACE, default 4). On CUDA, see the next."
+            "kv_cache_gb",
+            "KV cache size in GiB. native: any device; default on CPU 2 GiB (or one context window, if more), "
+            "on CUDA see the next. vllm: CPU only (VLLM_CPU_KVCACHE_SPACE, default 4).",
         ),
     )
     gpu_memory_utilization: float = Field(
@@ -100,7 +102,9 @@ class Settings(BaseSettings):
         gt=0,
         le=1,
         description=_env(
-            "gpu_memory_utilization", "vllm: share of GPU memory for weights, activations and the KV cache."
+            "gpu_memory_utilization",
+            "vllm: share of GPU memory for weights, activations and the KV cache. native: the KV cache is this "
+            "share of the memory free after the weights (less one decode step's attention buffers).",
         ),
     )
     max_model_len: int | None = Field(
@@ -112,7 +116,9 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True,
         description=_env(
-            "enable_prefix_caching", "vllm: reuse the KV of prompt prefixes seen before (chats resend their history)."
+            "enable_prefix_caching",
+            "Reuse the KV of prompt prefixes seen before (chats resend their history); both engines. native: "
+            "cached prefixes live in the KV cache and are evicted, least recently used first, when space is needed.",
         ),
     )
     quantization: Literal["fp8"] | None = Field(

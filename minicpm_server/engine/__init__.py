@@ -72,6 +72,9 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
         max_prefill_tokens=settings.max_prefill_tokens,
         empty_cache=settings.empty_cache,
         seed=settings.seed,
+        kv_cache_gb=settings.kv_cache_gb,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        prefix_caching=settings.enable_prefix_caching,
     )
 
 

@@ -6,12 +6,17 @@ faster than transformers' own continuous batching manager, which also cannot app
 penalty per request (the tutorial's defaults need one). So the engine drives the model itself:
 
 * One thread owns the model. Every iteration it admits waiting requests (up to `max_batch`
-  running sequences), prefills the newcomers together, joins them to the running batch, and then
-  runs one decode step for every running sequence at once. A new request therefore waits at most
-  one step, never for a whole batch to finish.
-* The running batch is left-padded: one KV cache of shape [batch, heads, time, head_dim] per
-  layer, an attention mask marking real tokens, and per-row position ids. Joining pads the
-  shorter side on the left; leaving drops rows and trims columns no row needs any more.
+  running sequences, `max_prefill_tokens` prompt tokens, and only while their prompt plus token
+  budget fit in the free KV memory), prefills the newcomers together, joins them to the running
+  batch, and then runs one decode step for every running sequence at once. A new request
+  therefore waits at most one step, never for a whole batch to finish, unless memory is full.
+* KV memory is a fixed pool of blocks (paged.py, blocks.py) sized at start-up (budget.py): a
+  request reserves all the blocks it can need when it is admitted, so memory in use never
+  exceeds the budget and a running request never fails for lack of it. Rows are ragged: each
+  reads only its own blocks, and padding costs at most the tail of each row's last block.
+* Prefix reuse: a finished request's full blocks (prompt and answer) stay in the pool, indexed
+  by their tokens, until the space is needed (least recently used first). A chat's next turn
+  resends that history, finds those blocks, and prefills only what is new.
 * Sampling is per row (sampling.py): temperature, top-k, top-p, repetition penalty, greedy, and
   a private random generator for requests that give a seed.
 * Text leaves through an incremental detokenizer that never splits a UTF-8 character; stop
@@ -31,14 +36,15 @@ import inspect
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from minicpm_server.engine.handle import Event, Failed, QueueHandle, emit_all
-from minicpm_server.engine.native.kvcache import GrowableCache
+from minicpm_server.engine.native.blocks import NULL_BLOCK, BlockPool, blocks_for
+from minicpm_server.engine.native.budget import GIB, KvShape, pool_blocks
+from minicpm_server.engine.native.paged import PagedKVCache, StepLayout, decode_layout, prefill_layout
 from minicpm_server.engine.native.rows import RowState
 from minicpm_server.engine.native.sampling import BatchSampling, sample_next_tokens
 from minicpm_server.engine.output import TokenOutput
@@ -69,31 +75,46 @@ class EngineKilled(BaseException):
 class _Sequence:
     handle: QueueHandle
     output: TokenOutput
+    table: list[int]  # KV blocks reserved for the prompt plus the whole token budget
+    tokens: list[int]  # prompt, then generated ids: the content of `table`'s slots
+    computed: int = 0  # tokens whose keys and values are in the cache
+    digests: list[bytes] = field(default_factory=list)  # prefix-index chain of its full blocks
 
 
 @dataclass
-class _Rows(RowState):
-    """Everything kept per running sequence; a new per-row field needs no other edit."""
+class _Admission:
+    """A request taken from the queue with its KV reserved; `cached` prompt tokens are reused."""
+
+    handle: QueueHandle
+    table: list[int]
+    cached: int
+
+
+@dataclass
+class _Batch(RowState):
+    """The running sequences; every field holds one entry per row (rows.py)."""
 
     seqs: list[_Sequence]
     last: torch.Tensor  # [B] long, the token fed into the next step
-    positions: torch.Tensor  # [B] long, its position id
+    lengths: torch.Tensor  # [B] long, tokens in the cache: the position id of `last`
+    table: torch.Tensor  # [B, W] long, block ids (padded with the null block)
     seen: torch.Tensor  # [B, V] bool, tokens in each context (repetition penalty)
     counts: torch.Tensor  # [B, V] int32, times each token was generated (presence/frequency penalties)
     sampling: BatchSampling
 
 
 @dataclass
-class _Batch:
-    """The running sequences and their left-padded model state."""
+class KvStats:
+    """The KV pool as the engine sees it (tests and benchmarks read it; not part of the protocol)."""
 
-    rows: _Rows
-    cache: GrowableCache
-    mask: torch.Tensor  # [B, T] long, 1 = real token
-
-    @property
-    def seqs(self) -> list[_Sequence]:
-        return self.rows.seqs
+    capacity_tokens: int
+    used_tokens: int  # reserved by requests or held by cached prefixes
+    peak_used_tokens: int
+    cached_prefix_tokens: int
+    prefix_hit_tokens: int  # prompt tokens whose prefill a cached prefix saved
+    prefilled_tokens: int  # prompt tokens actually computed
+    evictions: int
+    waited_for_memory: int  # times the queue's head had to wait for KV space
 
 
 # --------------------------------------------------------------------------- the engine
@@ -116,6 +137,11 @@ class NativeEngine:
         max_prefill_tokens: int = 8192,
         empty_cache: str = "idle",
         seed: int | None = 0,
+        kv_cache_gb: float | None = None,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_tokens: int | None = None,
+        block_size: int = 16,
+        prefix_caching: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -138,8 +164,54 @@ class NativeEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._pending_fault: BaseException | None = None
-        self._admitting: list[QueueHandle] = []  # taken from the queue, not yet in the batch
+        self._admitting: list[_Admission] = []  # taken from the queue, not yet in the batch
         self._released_since_busy = True
+        self._use_sdpa()
+        self.block_size = block_size
+        self._table_width = blocks_for(context_window, block_size)
+        self._pool, self._cache = self._build_kv(kv_cache_gb, gpu_memory_utilization, kv_cache_tokens, prefix_caching)
+        self._prefilled_tokens = 0
+        self._waited_for_memory = 0
+
+    def _use_sdpa(self) -> None:
+        """The paged cache hands attention a 4-D mask, which FlashAttention-2 cannot take."""
+        if self.model.config._attn_implementation not in ("sdpa", "eager"):
+            log.info(
+                "native engine: %s attention -> sdpa (paged KV needs a 4-D mask)",
+                self.model.config._attn_implementation,
+            )
+            self.model.set_attn_implementation("sdpa")
+
+    def _build_kv(
+        self, kv_cache_gb: float | None, utilization: float, tokens: int | None, prefix_caching: bool
+    ) -> tuple[BlockPool, PagedKVCache]:
+        shape = KvShape.of(self.model)
+        if tokens is not None:
+            blocks, source = blocks_for(tokens, self.block_size) + 1, "kv_cache_tokens"
+        else:
+            blocks, source = pool_blocks(
+                shape,
+                self.device,
+                block_size=self.block_size,
+                context_window=self.context_window,
+                max_batch=self.max_batch,
+                kv_cache_gb=kv_cache_gb,
+                gpu_memory_utilization=utilization,
+            )
+        pool = BlockPool(blocks, self.block_size, prefix_caching=prefix_caching)
+        cache = PagedKVCache(
+            shape.num_layers, blocks * self.block_size, shape.kv_heads, shape.head_dim, shape.dtype, self.device
+        )
+        cache.zero_null_block(self.block_size)
+        log.info(
+            "KV cache: %d tokens (%.2f GiB, %s) in blocks of %d; prefix caching %s",
+            pool.capacity_tokens,
+            pool.capacity_tokens * shape.bytes_per_token / GIB,
+            source,
+            self.block_size,
+            "on" if prefix_caching else "off",
+        )
+        return pool, cache
 
     # ----------------------------------------------------------------- public, any thread
 
@@ -158,6 +230,20 @@ class NativeEngine:
     def stats(self) -> EngineStats:
         c = self._counters
         return EngineStats(self.num_running, self.num_waiting, c.failures, c.cache_releases, dict(c.finished))
+
+    @property
+    def kv_stats(self) -> KvStats:
+        pool, size = self._pool, self.block_size
+        return KvStats(
+            capacity_tokens=pool.capacity_tokens,
+            used_tokens=pool.used * size,
+            peak_used_tokens=pool.peak_used * size,
+            cached_prefix_tokens=pool.cached * size,
+            prefix_hit_tokens=pool.hit_tokens,
+            prefilled_tokens=self._prefilled_tokens,
+            evictions=pool.evictions,
+            waited_for_memory=self._waited_for_memory,
+        )
 
     @property
     def alive(self) -> bool:
@@ -227,7 +313,7 @@ class NativeEngine:
                 self._stopping = True
                 self._cancel_everything()
 
-    def _next_work(self) -> list[QueueHandle] | None:
+    def _next_work(self) -> list[_Admission] | None:
         """Block until there is something to do; return the requests to admit now (None = stop)."""
         with self._cv:
             while not self._stopping and self._batch is None and not self._waiting:
@@ -239,9 +325,15 @@ class NativeEngine:
             self._released_since_busy = False
             return self._take_waiting()
 
-    def _take_waiting(self) -> list[QueueHandle]:
+    def _take_waiting(self) -> list[_Admission]:
+        """Admit from the head of the queue while there are rows, prefill room and KV space.
+
+        A request reserves KV for its prompt plus its whole token budget, so a running request
+        never runs out of memory. The queue is first come, first served: when its head does not
+        fit, later requests wait too (a long request is never starved by short ones).
+        """
         free = self.max_batch - self.num_running
-        taken: list[QueueHandle] = []
+        taken: list[_Admission] = []
         budget = self.max_prefill_tokens
         while self._waiting and len(taken) < free:
             head = self._waiting[0]
@@ -251,8 +343,13 @@ class NativeEngine:
                 continue
             if taken and head.prompt_tokens > budget:
                 break
-            budget -= head.prompt_tokens
-            taken.append(self._waiting.popleft())
+            reserved = self._pool.reserve(head.prompt_ids, head.prompt_tokens + head.params.max_new_tokens)
+            if reserved is None:
+                self._waited_for_memory += 1
+                break
+            table, cached = reserved
+            budget -= head.prompt_tokens - cached
+            taken.append(_Admission(self._waiting.popleft(), table, cached))
         return taken
 
     def _raise_injected_fault(self) -> None:
@@ -260,124 +357,135 @@ class NativeEngine:
         if fault is not None:
             raise fault
 
-    # ----------------------------------------------------------------- prefill and join
+    # ----------------------------------------------------------------- the model
 
-    def _admit(self, handles: list[QueueHandle]) -> None:
-        prompts = [h.prompt_ids for h in handles]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = GrowableCache(self.model.config.num_hidden_layers)
-        out = self.model(
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout, **kwargs: Any) -> Any:
+        """One forward pass over the paged cache: the layout says where to write and what to read."""
+        self._cache.layout = layout
+        return self.model(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=layout.mask,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kwarg: cache},
+            **{self._cache_kwarg: self._cache},
+            **kwargs,
         )
-        cache.zero_padding(mask)
-        seen = torch.zeros(len(handles), self.vocab_size, dtype=torch.bool, device=self.device)
-        seen[mask.bool().nonzero(as_tuple=True)[0], ids[mask.bool()]] = True
-        generators = [self._request_generator(h.params.seed) for h in handles]
-        rows = _Rows(
-            seqs=[self._new_sequence(h) for h in handles],
+
+    def _table(self, tables: list[list[int]]) -> torch.Tensor:
+        rows = [t + [NULL_BLOCK] * (self._table_width - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    # ----------------------------------------------------------------- prefill and join
+
+    def _admit(self, admissions: list[_Admission]) -> None:
+        """Prefill the newcomers' uncached prompt tokens together, sample their first tokens, and
+        join them to the running batch (rows are independent: joining copies no KV)."""
+        prompts = [a.handle.prompt_ids for a in admissions]
+        cached = torch.tensor([a.cached for a in admissions], device=self.device)
+        new = torch.tensor([len(p) - a.cached for p, a in zip(prompts, admissions, strict=True)], device=self.device)
+        width = int(new.max())
+        ids = torch.tensor(
+            [[0] * (width - len(p) + a.cached) + p[a.cached :] for p, a in zip(prompts, admissions, strict=True)],
+            device=self.device,
+        )
+        table = self._table([a.table for a in admissions])
+        layout = prefill_layout(table, cached, new, self.block_size)
+        offsets = torch.arange(width, device=self.device)[None, :] - (width - new)[:, None]
+        out = self._forward(ids, (cached[:, None] + offsets).clamp(min=0), layout, logits_to_keep=1)
+        self._prefilled_tokens += int(new.sum())
+        seen = torch.zeros(len(prompts), self.vocab_size, dtype=torch.bool, device=self.device)
+        for row, prompt in enumerate(prompts):
+            seen[row, prompt] = True
+        generators = [self._request_generator(a.handle.params.seed) for a in admissions]
+        joining = _Batch(
+            seqs=[self._new_sequence(a) for a in admissions],
             last=ids[:, -1],
-            positions=torch.tensor([len(p) for p in prompts], device=self.device),
+            lengths=torch.tensor([len(p) for p in prompts], device=self.device),
+            table=table,
             seen=seen,
-            counts=torch.zeros(len(handles), self.vocab_size, dtype=torch.int32, device=self.device),
-            sampling=BatchSampling.build([h.params for h in handles], generators, self.device),
+            counts=torch.zeros(len(prompts), self.vocab_size, dtype=torch.int32, device=self.device),
+            sampling=BatchSampling.build([a.handle.params for a in admissions], generators, self.device),
         )
-        joining = _Batch(rows, cache, mask)
-        first = sample_next_tokens(out.logits[:, -1].float(), seen, rows.sampling, self._shared_generator, rows.counts)
+        for seq in joining.seqs:
+            seq.computed = len(seq.tokens)
+            self._pool.index(seq.table, seq.tokens, seq.computed, seq.digests)
+        first = sample_next_tokens(
+            out.logits[:, -1].float(), seen, joining.sampling, self._shared_generator, joining.counts
+        )
         self._accept_tokens(joining, first)
-        joined = joining if self._batch is None else self._join(self._batch, joining)
+        joined = joining if self._batch is None else _Batch.concat(self._batch, joining)
         self._admitting = []  # counted in the batch from here on
         self._batch = joined
         self._drop_finished()
 
-    def _new_sequence(self, handle: QueueHandle) -> _Sequence:
-        return _Sequence(handle, TokenOutput(self.tokenizer, handle.params, handle.prompt_tokens, self.eos_token_id))
+    def _new_sequence(self, admission: _Admission) -> _Sequence:
+        handle = admission.handle
+        output = TokenOutput(self.tokenizer, handle.params, handle.prompt_tokens, self.eos_token_id)
+        return _Sequence(handle, output, admission.table, list(handle.prompt_ids))
 
     def _request_generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-
-    @staticmethod
-    def _join(a: _Batch, b: _Batch) -> _Batch:
-        width = max(a.mask.shape[1], b.mask.shape[1])
-
-        def left_pad(mask: torch.Tensor) -> torch.Tensor:
-            return F.pad(mask, (width - mask.shape[1], 0))
-
-        return _Batch(
-            rows=_Rows.concat(a.rows, b.rows),
-            cache=GrowableCache.concat(a.cache, b.cache, width),
-            mask=torch.cat([left_pad(a.mask), left_pad(b.mask)]),
-        )
 
     # ----------------------------------------------------------------- decode
 
     def _decode_step(self) -> None:
         batch = self._batch
         assert batch is not None
-        ones = torch.ones(len(batch.seqs), 1, dtype=batch.mask.dtype, device=self.device)
-        batch.mask = torch.cat([batch.mask, ones], dim=1)
-        rows = batch.rows
-        out = self.model(
-            input_ids=rows.last[:, None],
-            attention_mask=batch.mask,
-            position_ids=rows.positions[:, None],
-            use_cache=True,
-            **{self._cache_kwarg: batch.cache},
-        )
-        rows.positions = rows.positions + 1
+        width = max(seq.computed for seq in batch.seqs) + 1
+        layout = decode_layout(batch.table, batch.lengths, width, self.block_size)
+        out = self._forward(batch.last[:, None], batch.lengths[:, None], layout)
+        batch.lengths = batch.lengths + 1
+        for seq in batch.seqs:
+            seq.computed += 1
         tokens = sample_next_tokens(
-            out.logits[:, -1].float(), rows.seen, rows.sampling, self._shared_generator, rows.counts
+            out.logits[:, -1].float(), batch.seen, batch.sampling, self._shared_generator, batch.counts
         )
         self._accept_tokens(batch, tokens)
         self._drop_finished()
 
     def _accept_tokens(self, batch: _Batch, tokens: torch.Tensor) -> None:
         """Record each row's new token, turn it into text, and decide whether the row is done."""
-        batch.rows.last = tokens
+        batch.last = tokens
         every_row = torch.arange(len(tokens), device=self.device)
-        batch.rows.seen[every_row, tokens] = True
-        batch.rows.counts[every_row, tokens] += 1
+        batch.seen[every_row, tokens] = True
+        batch.counts[every_row, tokens] += 1
         events: list[tuple[QueueHandle, Event]] = []
         for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
+            seq.tokens.append(token)
             step = seq.output.end("cancelled") if seq.handle.cancelled else seq.output.push(token)
             events.extend((seq.handle, event) for event in step)
         self._emit_all(events)
 
     def _drop_finished(self) -> None:
+        """Finished rows leave the batch; their KV blocks go back to the pool, full ones kept
+        findable as a cached prefix (a chat's next turn resends this prompt and answer)."""
         batch = self._batch
         if batch is None:
             return
         keep = [i for i, s in enumerate(batch.seqs) if not s.output.done]
         if len(keep) == len(batch.seqs):
             return
-        if not keep:
-            self._batch = None
-        else:
-            self._batch = self._select_rows(batch, keep)
+        for seq in batch.seqs:
+            if seq.output.done:
+                self._pool.index(seq.table, seq.tokens, seq.computed, seq.digests)
+                self._pool.release(seq.table)
+        self._batch = batch.select(torch.tensor(keep, device=self.device), keep) if keep else None
         if self.empty_cache == "always":
             self._release_cached_memory()
 
-    def _select_rows(self, batch: _Batch, keep: list[int]) -> _Batch:
-        rows = torch.tensor(keep, device=self.device)
-        mask = batch.mask[rows]
-        # Columns that are padding in every remaining row are dead weight for attention.
-        start = int(mask.any(dim=0).nonzero()[0].item())
-        return _Batch(rows=batch.rows.select(rows, keep), cache=batch.cache.select(rows, start), mask=mask[:, start:])
-
     # ----------------------------------------------------------------- failures, idle, shutdown
 
-    def _fail_in_flight(self, newcomers: list[QueueHandle], exc: Exception) -> None:
+    def _fail_in_flight(self, newcomers: list[_Admission], exc: Exception) -> None:
         self._counters.failures += 1
         log.error("generation step failed: %s", one_line(exc))
-        handles = [s.handle for s in self._batch.seqs] if self._batch is not None else []
-        handles += [h for h in newcomers if h not in handles]
+        seqs = self._batch.seqs if self._batch is not None else []
+        handles = [s.handle for s in seqs]
+        for seq in seqs:
+            self._pool.release(seq.table)
+        for admission in newcomers:
+            if admission.handle not in handles:  # reserved, not yet joined
+                handles.append(admission.handle)
+                self._pool.release(admission.table)
         self._batch = None
         error = EngineError(_describe_failure(exc))
         self._emit_all([(h, Failed(error)) for h in handles])
@@ -385,7 +493,8 @@ class NativeEngine:
 
     def _cancel_everything(self) -> None:
         running = [s.handle for s in self._batch.seqs] if self._batch is not None else []
-        handles = list(self._waiting) + running + [h for h in self._admitting if h not in running]
+        admitting = [a.handle for a in self._admitting]
+        handles = list(self._waiting) + running + [h for h in admitting if h not in running]
         self._waiting.clear()
         self._batch = None
         self._admitting = []

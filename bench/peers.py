@@ -23,6 +23,9 @@ The servers, each alone on the machine while it is measured (start, warm up, mea
               the checkpoint without its *.py files and without `auto_map` (MiniCPM is one of
               llama.cpp's own architectures); KV cache in F32 like everyone else's, 2 threads, one
               slot per client.
+  llama-1t    (optional) the same with 1 thread: llama.cpp's threads wait for each other by
+              spinning, and on a 2-core machine that others also use, 2 threads can be many times
+              slower than 1 (seen here: 16 clients took 2-20 s with 2 threads, 0.6 s with 1).
 
 vLLM runs with VLLM_CPU_OMP_THREADS_BIND=0,1 VLLM_CPU_NUM_OF_RESERVED_CPU=0
 VLLM_CPU_KVCACHE_SPACE=1 (both cores; 1 GB of KV is plenty here), float32, 32 sequences at most,
@@ -88,15 +91,16 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mini
 PEERS_DIR = Path(os.environ.get("MINICPM_PEERS_DIR") or CACHE / "peers")
 LLAMA_SERVER = PEERS_DIR / "llama-build" / "bin" / "llama-server"
 CONVERT_PYTHON = PEERS_DIR / "convert-venv" / "bin" / "python"
-ALL_SERVERS = ("ours", "ours+vllm", "vllm", "vllm-ids", "llama")
+ALL_SERVERS = ("ours", "ours+vllm", "vllm", "vllm-ids", "llama", "llama-1t")
 DEFAULT_SERVERS = ("ours", "ours+vllm", "vllm", "llama")
-PEER_NAMES = ("vllm", "vllm-ids", "llama")  # the ones "ours/..." ratios are given for
+PEER_NAMES = ("vllm", "vllm-ids", "llama", "llama-1t")  # the ones "ours/..." ratios are given for
 LABELS = {
     "ours": "ours",
     "ours+vllm": "ours+vllm",
     "vllm": "vLLM",
     "vllm-ids": "vLLM ids-only",
     "llama": "llama-server",
+    "llama-1t": "llama-server -t 1",
 }
 VLLM_NAME = "peer"  # --served-model-name, sent as "model"
 VLLM_CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0,1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -179,13 +183,15 @@ def vllm_server(name: str, venv: Path, granite_dir: Path, window: int, port: int
     return Server(name, argv, "ids", body, dict(VLLM_CPU_ENV))
 
 
-def llama_server(gguf: Path, slots: int, per_slot: int, port: int) -> Server:
+def llama_server(name: str, gguf: Path, slots: int, per_slot: int, port: int) -> Server:
     argv = [str(LLAMA_SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["-np", str(slots), "-c", str(slots * per_slot), "-t", "2", "-tb", "2", "--no-webui"]
+    argv += ["-np", str(slots), "-c", str(slots * per_slot), "--no-webui"]
+    threads = "1" if name == "llama-1t" else "2"
+    argv += ["-t", threads, "-tb", threads]
     argv += ["-ctk", "f32", "-ctv", "f32", "--log-disable"]
     # llama.cpp's defaults add min_p 0.05 and count repeats over the last 64 tokens only.
     body = {"repeat_penalty": DEFAULT_REPETITION_PENALTY, "repeat_last_n": -1, "min_p": 0.0}
-    return Server("llama", argv, "ids", body)
+    return Server(name, argv, "ids", body)
 
 
 # --------------------------------------------------------------------------- preparing the peers
@@ -232,11 +238,13 @@ def gguf_for(model: Path) -> Path:
         partial = Path(tmp) / "model.gguf"
         script = llama_source() / "convert_hf_to_gguf.py"
         start = time.perf_counter()
-        subprocess.run(
+        done = subprocess.run(
             [str(CONVERT_PYTHON), str(script), str(copy), "--outtype", "f32", "--outfile", str(partial)],
-            check=True,
-            stdout=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
         partial.rename(out)
     stamp_file.write_text(json.dumps(stamp))
     print(f"converted {model} to {out} in {time.perf_counter() - start:.0f} s", flush=True)
@@ -442,10 +450,10 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
             makers[name] = functools.partial(our_server, "ours+vllm", venv_python, "vllm", model)
         elif name in ("vllm", "vllm-ids"):
             makers[name] = functools.partial(vllm_server, name, args.vllm_venv, granite_dir_for(model), window)
-        elif name == "llama":
+        elif name in ("llama", "llama-1t"):
             ensure_llama_built()
             slots = max([*args.concurrency, TTFT_CLIENTS + 1])
-            makers[name] = functools.partial(llama_server, gguf_for(model), slots, per_slot)
+            makers[name] = functools.partial(llama_server, name, gguf_for(model), slots, per_slot)
     return makers
 
 
@@ -479,11 +487,12 @@ def run(args) -> dict[str, list[dict[str, float]]]:
                 wait_healthy(url, proc, timeout=1200)
                 print(f"  {name}: ready in {time.perf_counter() - started:.0f} s (log {log_file})", flush=True)
                 results[name].append(measure(server, url, tokenizer, args, proc.pid))
-            except Exception:
-                print(f"  {name} failed; its log: {log_file}", file=sys.stderr)
-                raise
+            except Exception as exc:  # one failed round leaves a gap, not a lost run
+                print(f"  {name} failed in round {repeat}: {exc}; its log: {log_file}", file=sys.stderr, flush=True)
             finally:
                 stop_server(proc)
+            if args.json:  # what is measured so far survives an interrupted run
+                Path(args.json).write_text(json.dumps(results, indent=2))
             port += 1
     return results
 
@@ -515,8 +524,10 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
                 pick = max if higher_is_better else min
                 cells.append(f"{ours / pick(table[p][metric] for p in peers):.2f}")
         print("| " + " | ".join(cells) + " |")
-    n = len(next(iter(results.values())))
-    print(f"\nmedians of {n} round(s); ratios above 1 favour ours for tok/s, below 1 for TTFT and memory")
+    rounds = ", ".join(f"{LABELS[n]} {len(runs)}" for n, runs in results.items())
+    print(
+        f"\nmedians over rounds (measured: {rounds}); ratios above 1 favour ours for tok/s, below 1 for TTFT and memory"
+    )
 
 
 def main() -> None:

@@ -43,10 +43,11 @@ started with its tokenizer), as ours does. The optional server `vllm-ids` (not r
 `--peers ours,vllm,vllm-ids`) is vLLM's server started with `--skip-tokenizer-init`: ids in,
 ids out, no detokenizing, as our vLLM backend runs vLLM; it tells vLLM's engine from its front end.
 
-Prompt modes: `fixed` sends every request the same prompt, so llama-server's slots and vLLM's
-prefix cache reuse its KV (this flatters them, and ours+vllm, which keeps vLLM's prefix cache on;
-our native engine has no prefix cache); `unique` puts a different 5-digit number at the start of
-each question (same token count), so no prefix of more than a few tokens is shared.
+Prompt modes (the tutorial's question after a 5-digit number, so both have the same length):
+`fixed` sends every request the same prompt (number 00000), so llama-server's slots and vLLM's
+prefix cache reuse its KV (this flatters them, and ours+vllm, which keeps vLLM's prefix cache
+on; our native engine has no prefix cache); `unique` gives each request a different number, at
+the start of the question, so no prefix of more than a few tokens is shared.
 
 Measured, per server: aggregate generated tokens/s of closed-loop clients (each sends requests
 back to back, non-streamed) at each `--concurrency`; the median time to the first streamed text
@@ -117,16 +118,17 @@ class Prompt:
 
 
 class Prompts:
-    """`fixed`: the tutorial's question every time; `unique`: a new numbered question each call."""
+    """The tutorial's question after a 5-digit number: `fixed` always 00000, `unique` a new one each call."""
 
     def __init__(self, tokenizer, mode: str) -> None:
         self.tokenizer, self.mode = tokenizer, mode
-        self._counter = itertools.count()
+        self._counter = itertools.count(1)
         self._lock = threading.Lock()
-        self._fixed = self._make(PROMPT)
+        self._fixed = self._make(0)
 
-    def _make(self, question: str) -> Prompt:
-        text = render_chat(self.tokenizer, conversation(question))
+    def _make(self, n: int) -> Prompt:
+        # Digits are single pieces, so every n gives the same token count, fixed prompt included.
+        text = render_chat(self.tokenizer, conversation(f"{n % 100000:05d} {PROMPT}"))
         return Prompt(text, self.tokenizer.encode(text))
 
     def next(self) -> Prompt:
@@ -134,7 +136,7 @@ class Prompts:
             return self._fixed
         with self._lock:
             n = next(self._counter)
-        return self._make(f"{n % 100000:05d} {PROMPT}")  # digits are single pieces: same length for every n
+        return self._make(n)
 
 
 # --------------------------------------------------------------------------- servers

@@ -191,8 +191,9 @@ def llama_server(name: str, gguf: Path, slots: int, per_slot: int, port: int) ->
     threads = "1" if name == "llama-1t" else "2"
     argv += ["-t", threads, "-tb", threads]
     argv += ["-ctk", "f32", "-ctv", "f32", "--log-disable"]
-    # llama.cpp's defaults add min_p 0.05 and count repeats over the last 64 tokens only.
-    body = {"repeat_penalty": DEFAULT_REPETITION_PENALTY, "repeat_last_n": -1, "min_p": 0.0}
+    # llama.cpp's defaults add min_p 0.05 and count repeats over the last 64 tokens only; a slot's
+    # whole context is the whole context (-1 for "all" is refused by this endpoint).
+    body = {"repeat_penalty": DEFAULT_REPETITION_PENALTY, "repeat_last_n": per_slot, "min_p": 0.0}
     return Server(name, argv, "ids", body)
 
 
@@ -549,8 +550,12 @@ def main() -> None:
     parser.add_argument("--ours-engine", default="native", help="--engine for the 'ours' column")
     parser.add_argument("--vllm-venv", type=Path, default=CACHE / "vllm-venv")
     parser.add_argument("--port", type=int, default=6301, help="first port to try (127.0.0.1)")
-    parser.add_argument("--json", help="also write every round's numbers here")
+    parser.add_argument("--json", help="also write every round's numbers here (as they come)")
+    parser.add_argument("--from-json", help="only print the table of a --json file written earlier")
     args = parser.parse_args()
+    if args.from_json:
+        report(json.loads(Path(args.from_json).read_text()))
+        return
     args.concurrency = [int(c) for c in (args.concurrency or ("1,16" if args.quick else "1,16,32")).split(",")]
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]

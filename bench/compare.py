@@ -17,13 +17,12 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import requests
 
-from bench.load import HealthProbe, closed_loop, one_request, streamed_ttft
+from bench.load import BusyClients, HealthProbe, closed_loop, streamed_ttft
 from minicpm_server.model.tiny import cached_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,26 +109,14 @@ def measure(kind: str, url: str, concurrencies: list[int], new_tokens: int) -> d
 def ttft_under_load(kind: str, url: str, new_tokens: int) -> float:
     """Median time to first token of a request sent while 16 clients keep the server busy.
     The tutorial design cannot stream, so its first token arrives with the whole answer."""
-    done = threading.Event()
-
-    def busy_client() -> None:
-        with requests.Session() as session:
-            while not done.is_set():
-                one_request(url, new_tokens, session)
-
-    clients = [threading.Thread(target=busy_client) for _ in range(16)]
-    for t in clients:
-        t.start()
-    time.sleep(1.0)
     samples = []
-    for _ in range(3 if kind == "ours" else 1):
-        if kind == "ours":
-            samples.append(streamed_ttft(url, new_tokens))
-        else:
-            samples.append(closed_loop(url, 1, 1, new_tokens).latencies[0])
-    done.set()
-    for t in clients:
-        t.join()
+    with BusyClients(url, 16, new_tokens):
+        time.sleep(1.0)
+        for _ in range(3 if kind == "ours" else 1):
+            if kind == "ours":
+                samples.append(streamed_ttft(url, new_tokens))
+            else:
+                samples.append(closed_loop(url, 1, 1, new_tokens).latencies[0])
     return statistics.median(samples)
 
 

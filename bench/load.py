@@ -6,12 +6,17 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import requests
 
 PROMPT = "山东省最高的山是哪座山, 它比黄山高还是矮？差距多少？"
+
+# One request: (url, new_tokens, session) -> seconds it took. `one_request` below is POST /;
+# other benchmarks pass their own (another endpoint, another server's body).
+Send = Callable[[str, int, requests.Session], float]
 
 
 @dataclass
@@ -36,12 +41,12 @@ def one_request(url: str, new_tokens: int, session: requests.Session) -> float:
     return time.perf_counter() - start
 
 
-def closed_loop(url: str, concurrency: int, per_client: int, new_tokens: int) -> LoadResult:
+def closed_loop(url: str, concurrency: int, per_client: int, new_tokens: int, send: Send = one_request) -> LoadResult:
     """`concurrency` clients, each sending `per_client` requests back to back."""
 
     def client(_: int) -> list[float]:
         with requests.Session() as s:
-            return [one_request(url, new_tokens, s) for _ in range(per_client)]
+            return [send(url, new_tokens, s) for _ in range(per_client)]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -59,6 +64,30 @@ def streamed_ttft(url: str, new_tokens: int) -> float:
             if line and json.loads(line).get("response"):
                 return time.perf_counter() - start
     raise RuntimeError("stream produced no text")
+
+
+class BusyClients:
+    """`clients` threads sending requests back to back until the block ends (load for probes)."""
+
+    def __init__(self, url: str, clients: int, new_tokens: int, send: Send = one_request) -> None:
+        self.url, self.new_tokens, self.send = url, new_tokens, send
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self._done.is_set():
+                self.send(self.url, self.new_tokens, session)
+
+    def __enter__(self) -> BusyClients:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for t in self._threads:
+            t.join()
 
 
 class HealthProbe:

@@ -3,7 +3,7 @@
     python -m bench.gpu                                  # native and vllm, default loads
     python -m bench.gpu --engines native --native-extra=--no-compile   # one backend, extra flags
     python -m bench.gpu --bandwidth-gbs 936              # an RTX 3090, if nvidia-smi's name is not known below
-    python -m bench.gpu --device cpu --size tiny --engines native   # a smoke test of this script, no GPU
+    python -m bench.gpu --device cpu --size tiny --concurrency 1,4 --prompt-tokens 300   # smoke test of this script, no GPU
 
 Measured per backend, each server alone on the GPU:
 - batch-1 decode tokens/s (one streamed request of 256 tokens, first token excluded) and that as
@@ -49,7 +49,7 @@ BANDWIDTH_GBS = {
     "A10": 600,
 }
 STREAM_TOKENS = 256
-CONCURRENCY = (1, 8, 32, 64)
+CONCURRENCY = (1, 8, 32, 64)  # the streams of the vLLM issue's GPU measurement
 
 
 def gpu_name(device: str) -> str:
@@ -127,6 +127,7 @@ def long_prompt_ttft(url: str, prompt_tokens: int = 1000, repeats: int = 5) -> f
         body = {"prompt": f"{i} {words}", "max_tokens": 2, "ignore_eos": True, "stream": True}
         start = time.perf_counter()
         with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600) as r:
+            r.raise_for_status()
             for line in r.iter_lines():
                 if line.startswith(b"data: {"):
                     times.append(time.perf_counter() - start)
@@ -134,7 +135,9 @@ def long_prompt_ttft(url: str, prompt_tokens: int = 1000, repeats: int = 5) -> f
     return statistics.median(times)
 
 
-def measure(engine: str, model: Path, port: int, device: str, extra: list[str]) -> dict:
+def measure(
+    engine: str, model: Path, port: int, device: str, extra: list[str], concurrency: list[int], prompt_tokens: int
+) -> dict:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "api.py", "--model-path", str(model), "--engine", engine, "--host", "127.0.0.1"]
     cmd += [
@@ -157,8 +160,8 @@ def measure(engine: str, model: Path, port: int, device: str, extra: list[str]) 
         with MemoryPeak() as memory:
             closed_loop(url + "/", 2, 1, 16)  # warm-up
             result["decode_1"] = decode_rate(url)
-            result["ttft_1000"] = long_prompt_ttft(url)
-            for c in CONCURRENCY:
+            result["ttft_1000"] = long_prompt_ttft(url, prompt_tokens)
+            for c in concurrency:
                 load = closed_loop(url + "/", c, 2, STREAM_TOKENS)
                 result[f"tps_{c}"] = load.tokens_per_second
                 print(f"  {engine} c={c}: {load.tokens_per_second:.0f} tok/s", flush=True)
@@ -176,11 +179,14 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "minicpm-server")
     parser.add_argument("--port", type=int, default=6210)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    parser.add_argument("--prompt-tokens", type=int, default=1000, help="prompt length for the TTFT measurement")
     parser.add_argument("--size", default="full", help="a size from minicpm_server/model/tiny.py (full: MiniCPM-2B's)")
     parser.add_argument("--native-extra", action="append", default=[], help="extra api.py flags for native")
     parser.add_argument("--vllm-extra", action="append", default=[], help="extra api.py flags for vllm")
     args = parser.parse_args()
 
+    concurrency = [int(c) for c in args.concurrency.split(",")]
     name = gpu_name(args.device)
     bandwidth = args.bandwidth_gbs or bandwidth_for(name)
     model, weight_gb = checkpoint(args.cache, args.size)
@@ -189,14 +195,14 @@ def main() -> None:
     results = {}
     for engine in args.engines.split(","):
         extra = args.native_extra if engine == "native" else args.vllm_extra
-        results[engine] = measure(engine, model, args.port, args.device, extra)
+        results[engine] = measure(engine, model, args.port, args.device, extra, concurrency, args.prompt_tokens)
     print()
-    print("| engine | batch-1 decode tok/s | of ceiling | " + " | ".join(f"{c} streams tok/s" for c in CONCURRENCY)
-          + " | TTFT 1,000-token prompt | GPU memory | start-up |")  # fmt: skip
-    print("| --- " * (6 + len(CONCURRENCY)) + "|")
+    print("| engine | batch-1 decode tok/s | of ceiling | " + " | ".join(f"{c} streams tok/s" for c in concurrency)
+          + " | TTFT long prompt | GPU memory | start-up |")  # fmt: skip
+    print("| --- " * (6 + len(concurrency)) + "|")
     for engine, r in results.items():
         share = f"{r['decode_1'] / ceiling:.0%}" if ceiling else "?"
-        streams = " | ".join(f"{r[f'tps_{c}']:.0f}" for c in CONCURRENCY)
+        streams = " | ".join(f"{r[f'tps_{c}']:.0f}" for c in concurrency)
         print(
             f"| {engine} | {r['decode_1']:.1f} | {share} | {streams} | {r['ttft_1000'] * 1000:.0f} ms "
             f"| {r['gpu_mib'] / 1024:.1f} GiB | {r['start_s']:.0f} s |"

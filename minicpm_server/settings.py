@@ -121,6 +121,14 @@ class Settings(BaseSettings):
             "cached prefixes live in the KV cache and are evicted, least recently used first, when space is needed.",
         ),
     )
+    compile: bool = Field(
+        False,
+        description=_env(
+            "compile",
+            "native: compile the decode step (torch.compile; CUDA graphs on CUDA) on first use of each batch "
+            "bucket, logged; eager if compiling fails. Off by default: on a 2-core CPU compiling takes minutes.",
+        ),
+    )
     quantization: Literal["fp8"] | None = Field(
         None, description=_env("quantization", "vllm: 'fp8' quantizes the weights at load (Ada/Hopper GPUs).")
     )

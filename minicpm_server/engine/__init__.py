@@ -75,6 +75,7 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
         kv_cache_gb=settings.kv_cache_gb,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         prefix_caching=settings.enable_prefix_caching,
+        compile=settings.compile,
     )
 
 

@@ -54,6 +54,8 @@ SIZES: dict[str, TinySize] = {
     "tiny-gqa": TinySize(128, 4, 4, 2, 320, 2048, 1024),
     # Tens of millions of parameters: the CPU benchmark model.
     "medium": TinySize(512, 8, 8, 8, 1280, 8192, 2048),
+    # MiniCPM-2B's depth (40 layers) at the tiny width: a decode step is mostly per-layer overhead.
+    "deep": TinySize(128, 40, 4, 4, 320, 2048, 2048),
     # The real MiniCPM-2B shape (2.72 B parameters) for GPU runs.
     "full": TinySize(2304, 40, 36, 36, 5760, 122753, 4096),
 }

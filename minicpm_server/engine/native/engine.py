@@ -17,6 +17,8 @@ penalty per request (the tutorial's defaults need one). So the engine drives the
 * Prefix reuse: a finished request's full blocks (prompt and answer) stay in the pool, indexed
   by their tokens, until the space is needed (least recently used first). A chat's next turn
   resends that history, finds those blocks, and prefills only what is new.
+* The decode step's forward pass may be compiled (compiled.py, --compile): static shapes by
+  batch-size and key-length buckets, eager whenever compiling fails.
 * Sampling is per row (sampling.py): temperature, top-k, top-p, repetition penalty, greedy, and
   a private random generator for requests that give a seed.
 * Text leaves through an incremental detokenizer that never splits a UTF-8 character; stop
@@ -44,7 +46,8 @@ import torch
 from minicpm_server.engine.handle import Event, Failed, QueueHandle, emit_all
 from minicpm_server.engine.native.blocks import NULL_BLOCK, BlockPool, blocks_for
 from minicpm_server.engine.native.budget import GIB, KvShape, pool_blocks
-from minicpm_server.engine.native.paged import PagedKVCache, StepLayout, decode_layout, prefill_layout
+from minicpm_server.engine.native.compiled import DecodeForward
+from minicpm_server.engine.native.paged import PagedKVCache, StepLayout, prefill_layout
 from minicpm_server.engine.native.rows import RowState
 from minicpm_server.engine.native.sampling import BatchSampling, sample_next_tokens
 from minicpm_server.engine.output import TokenOutput
@@ -142,6 +145,7 @@ class NativeEngine:
         kv_cache_tokens: int | None = None,
         block_size: int = 16,
         prefix_caching: bool = True,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -170,6 +174,15 @@ class NativeEngine:
         self.block_size = block_size
         self._table_width = blocks_for(context_window, block_size)
         self._pool, self._cache = self._build_kv(kv_cache_gb, gpu_memory_utilization, kv_cache_tokens, prefix_caching)
+        self._decode = DecodeForward(
+            model,
+            self._cache,
+            block_size=block_size,
+            scratch_slot=self._pool.num_blocks * block_size,
+            max_batch=max_batch,
+            context_window=context_window,
+            compile=compile,
+        )
         self._prefilled_tokens = 0
         self._waited_for_memory = 0
 
@@ -199,8 +212,9 @@ class NativeEngine:
                 gpu_memory_utilization=utilization,
             )
         pool = BlockPool(blocks, self.block_size, prefix_caching=prefix_caching)
+        # One slot more than the blocks: where the compiled decode step's padding rows write.
         cache = PagedKVCache(
-            shape.num_layers, blocks * self.block_size, shape.kv_heads, shape.head_dim, shape.dtype, self.device
+            shape.num_layers, blocks * self.block_size + 1, shape.kv_heads, shape.head_dim, shape.dtype, self.device
         )
         cache.zero_null_block(self.block_size)
         log.info(
@@ -432,14 +446,11 @@ class NativeEngine:
         batch = self._batch
         assert batch is not None
         width = max(seq.computed for seq in batch.seqs) + 1
-        layout = decode_layout(batch.table, batch.lengths, width, self.block_size)
-        out = self._forward(batch.last[:, None], batch.lengths[:, None], layout)
+        logits = self._decode(batch.last, batch.lengths, batch.table, width)
         batch.lengths = batch.lengths + 1
         for seq in batch.seqs:
             seq.computed += 1
-        tokens = sample_next_tokens(
-            out.logits[:, -1].float(), batch.seen, batch.sampling, self._shared_generator, batch.counts
-        )
+        tokens = sample_next_tokens(logits.float(), batch.seen, batch.sampling, self._shared_generator, batch.counts)
         self._accept_tokens(batch, tokens)
         self._drop_finished()
 

@@ -166,7 +166,7 @@ def test_stop_strings_end_the_answer(loaded) -> None:
 def test_cache_is_passed_under_the_name_forward_takes() -> None:
     """transformers renamed `past_key_values` to `cache` within 5.x; an unknown keyword would be
     swallowed and the engine's cache left empty, so the engine asks the model."""
-    from minicpm_server.engine.native.engine import cache_argument_name
+    from minicpm_server.engine.native.paged import cache_argument_name
 
     class Old:
         def forward(self, input_ids, past_key_values=None, **kwargs): ...

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from minicpm_server.engine.native.blocks import NULL_BLOCK
-from minicpm_server.engine.native.paged import PagedKVCache, StepLayout, decode_layout
+from minicpm_server.engine.native.paged import PagedKVCache, StepLayout, cache_argument_name, decode_layout
 
 log = logging.getLogger("minicpm_server.engine.native.compiled")
 
@@ -65,6 +65,7 @@ class DecodeForward:
         self.max_batch = max_batch
         self.context_window = context_window
         self.compiled: Any = None
+        self._cache_kwarg = cache_argument_name(model)
         self._shapes: set[tuple[int, int]] = set()
         if compile:
             self.compiled = self._compile()
@@ -90,7 +91,11 @@ class DecodeForward:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout) -> torch.Tensor:
         self.cache.layout = layout
         out = self.model(
-            input_ids=ids, attention_mask=layout.mask, position_ids=positions, cache=self.cache, use_cache=True
+            input_ids=ids,
+            attention_mask=layout.mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: self.cache},
         )
         return out.logits[:, -1]
 

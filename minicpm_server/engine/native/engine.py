@@ -34,7 +34,6 @@ The engine knows nothing of HTTP.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from collections import deque
@@ -47,7 +46,7 @@ from minicpm_server.engine.handle import Event, Failed, QueueHandle, emit_all
 from minicpm_server.engine.native.blocks import NULL_BLOCK, BlockPool, blocks_for
 from minicpm_server.engine.native.budget import GIB, KvShape, pool_blocks
 from minicpm_server.engine.native.compiled import DecodeForward
-from minicpm_server.engine.native.paged import PagedKVCache, StepLayout, prefill_layout
+from minicpm_server.engine.native.paged import PagedKVCache, StepLayout, cache_argument_name, prefill_layout
 from minicpm_server.engine.native.rows import RowState
 from minicpm_server.engine.native.sampling import BatchSampling, sample_next_tokens
 from minicpm_server.engine.output import TokenOutput
@@ -530,13 +529,6 @@ class NativeEngine:
             if isinstance(event, Finished):
                 self._counters.finished[event.reason] += 1
         emit_all(events)
-
-
-def cache_argument_name(model: Any) -> str:
-    """transformers 5 renamed forward's `past_key_values` to `cache` part-way through the 5.x
-    releases (5.19 has the old name, 5.24 the new), and an unknown keyword is silently swallowed,
-    so ask the model which one it takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _describe_failure(exc: Exception) -> str:

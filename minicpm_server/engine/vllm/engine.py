@@ -287,8 +287,9 @@ class VllmEngine:
         stream = self._llm.generate(prompt, params, request_id=f"minicpm-{handle.id}")
         async with contextlib.aclosing(stream):  # leaving early closes the stream: vLLM aborts the request
             async for result in stream:
-                with self._lock:
-                    self._started.add(handle.id)
+                if handle.id not in self._started:  # counted as running from its first token, once
+                    with self._lock:
+                        self._started.add(handle.id)
                 events: list[Event] = []
                 for token in result.outputs[0].token_ids:
                     events.extend(output.push(token))

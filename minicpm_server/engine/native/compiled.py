@@ -1,4 +1,8 @@
-"""The decode step's forward pass, eager or compiled for a few static shapes.
+"""The decode step's forward pass: lean (lean.py), or compiled for a few static shapes.
+
+Without --compile the step runs the lean decoder, our own forward over the model's weights,
+when the model is one it supports; otherwise, and whenever compiling fails, transformers'
+forward ("eager").
 
 Why: a decode step feeds one token per row, so on a deep model with small matrices most of its
 time is Python and kernel-launch overhead, not arithmetic (MiniCPM-2B has 40 layers). Compiling
@@ -28,7 +32,14 @@ from typing import Any
 import torch
 
 from minicpm_server.engine.native.blocks import NULL_BLOCK
-from minicpm_server.engine.native.paged import PagedKVCache, StepLayout, cache_argument_name, decode_layout
+from minicpm_server.engine.native.lean import LeanDecoder
+from minicpm_server.engine.native.paged import (
+    PagedKVCache,
+    StepLayout,
+    block_decode_layout,
+    cache_argument_name,
+    decode_layout,
+)
 
 log = logging.getLogger("minicpm_server.engine.native.compiled")
 
@@ -57,6 +68,7 @@ class DecodeForward:
         max_batch: int,
         context_window: int,
         compile: bool,
+        lean: bool = True,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -67,6 +79,7 @@ class DecodeForward:
         self.compiled: Any = None
         self._cache_kwarg = cache_argument_name(model)
         self._shapes: set[tuple[int, int]] = set()
+        self.lean = LeanDecoder(model, cache, block_size) if lean and LeanDecoder.supports(model) else None
         if compile:
             self.compiled = self._compile()
 
@@ -83,6 +96,8 @@ class DecodeForward:
                     "compiled decode step failed (%s: %s); decoding eagerly from now on", type(exc).__name__, exc
                 )
                 self.compiled = None
+        if self.lean is not None:
+            return self.lean(last, lengths, block_decode_layout(table, lengths, width, self.block_size))
         layout = decode_layout(table, lengths, width, self.block_size)
         return self._forward(last[:, None], lengths[:, None], layout)
 

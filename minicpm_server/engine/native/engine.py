@@ -145,6 +145,7 @@ class NativeEngine:
         block_size: int = 16,
         prefix_caching: bool = True,
         compile: bool = False,
+        lean: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -181,6 +182,7 @@ class NativeEngine:
             max_batch=max_batch,
             context_window=context_window,
             compile=compile,
+            lean=lean,
         )
         self._prefilled_tokens = 0
         self._waited_for_memory = 0
@@ -394,6 +396,8 @@ class NativeEngine:
         """Prefill the newcomers' uncached prompt tokens together, sample their first tokens, and
         join them to the running batch (rows are independent: joining copies no KV)."""
         prompts = [a.handle.prompt_ids for a in admissions]
+        fresh = [block for a in admissions for block in a.table[a.cached // self.block_size :]]
+        self._cache.zero_blocks(fresh, self.block_size)
         cached = torch.tensor([a.cached for a in admissions], device=self.device)
         new = torch.tensor([len(p) - a.cached for p, a in zip(prompts, admissions, strict=True)], device=self.device)
         width = int(new.max())

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from minicpm_server.engine.native.blocks import NULL_BLOCK
+from minicpm_server.engine.native.blocks import NULL_BLOCK, blocks_for
 
 
 @dataclass
@@ -53,6 +53,26 @@ def decode_layout(table: torch.Tensor, lengths: torch.Tensor, width: int, block_
     write = slot_ids(table, lengths[:, None], block_size)[:, 0]
     rows = torch.arange(len(lengths), device=table.device)
     return StepLayout(rows, write, read, visible[:, None, None, :], all_rows_write=True)
+
+
+@dataclass
+class BlockDecodeLayout:
+    """A decode step that reads whole blocks (the lean decoder, lean.py): one gather per block
+    instead of one per token slot. Slots past a row's length are hidden by the mask; they hold
+    zeros or earlier keys and values, never NaN (blocks are zeroed when reserved)."""
+
+    write_slots: torch.Tensor  # [B] long: where each row's new token goes
+    read_blocks: torch.Tensor  # [B, blocks] long: each row's first blocks (null block past its table)
+    mask: torch.Tensor  # [B, 1, 1, blocks * block_size] bool: True = may attend
+
+
+def block_decode_layout(table: torch.Tensor, lengths: torch.Tensor, width: int, block_size: int) -> BlockDecodeLayout:
+    """One new token per row at position `lengths[b]`; `width` >= max(lengths) + 1."""
+    blocks = blocks_for(width, block_size)
+    keys = torch.arange(blocks * block_size, device=table.device)
+    visible = keys[None, :] <= lengths[:, None]
+    write = slot_ids(table, lengths[:, None], block_size)[:, 0]
+    return BlockDecodeLayout(write, table[:, :blocks], visible[:, None, None, :])
 
 
 def prefill_layout(table: torch.Tensor, cached: torch.Tensor, new: torch.Tensor, block_size: int) -> StepLayout:
@@ -86,10 +106,54 @@ class PagedKVCache(Cache):
         self.keys = [torch.empty(num_slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty_like(k) for k in self.keys]
         self.layout: StepLayout | None = None
+        self._workspace = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]  # gather_blocks' keys, values
 
     def zero_null_block(self, block_size: int) -> None:
         for pool in (*self.keys, *self.values):
             pool[NULL_BLOCK * block_size : (NULL_BLOCK + 1) * block_size] = 0
+
+    def zero_blocks(self, blocks: list[int], block_size: int) -> None:
+        """Zero newly reserved blocks: the lean decoder reads whole blocks, and attention turns a
+        NaN in a masked-out value (what never-written memory may hold) into NaN output."""
+        if not blocks:
+            return
+        index = torch.tensor(blocks, device=self.keys[0].device)
+        for pool in (*self.keys, *self.values):
+            self._blocks(pool, block_size).index_fill_(0, index, 0)
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store one token per slot: keys and values are [N, kv_heads, head_dim]."""
+        self.keys[layer].index_copy_(0, slots, keys)
+        self.values[layer].index_copy_(0, slots, values)
+
+    def gather_blocks(self, layer: int, blocks: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's blocks, as dense keys and values [B, kv_heads, blocks * block_size, head_dim].
+
+        The result lives in a workspace reused by every layer and step (it is read before the
+        next layer gathers): on CPU a fresh tensor of this size per layer came from newly
+        mapped pages each time, and faulting them in cost more than the copy."""
+        rows, width = blocks.shape
+        flat = blocks.reshape(-1)
+
+        def gather(pool: torch.Tensor, slot: int) -> torch.Tensor:
+            source = self._blocks(pool, block_size)
+            out = self._workspace_view(slot, flat.numel(), source.shape[1], pool)
+            torch.index_select(source, 0, flat, out=out)
+            return out.view(rows, width * block_size, *pool.shape[1:]).transpose(1, 2)
+
+        return gather(self.keys[layer], 0), gather(self.values[layer], 1)
+
+    def _workspace_view(self, slot: int, rows: int, row_size: int, like: torch.Tensor) -> torch.Tensor:
+        needed = rows * row_size
+        if self._workspace[slot].numel() < needed:  # grows to the largest step seen, then stays
+            self._workspace[slot] = torch.empty(needed, dtype=like.dtype, device=like.device)
+        return self._workspace[slot][:needed].view(rows, row_size)
+
+    @staticmethod
+    def _blocks(pool: torch.Tensor, block_size: int) -> torch.Tensor:
+        """The pool as [blocks, block_size * heads * head_dim] (a view; the spare slot left out)."""
+        whole = pool.shape[0] // block_size * block_size
+        return pool[:whole].view(whole // block_size, -1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layout = self.layout

@@ -1,0 +1,165 @@
+"""The decode step's forward pass written straight against the model's weights.
+
+Why: a decode step feeds one token per row, so its arithmetic is small and its cost is mostly
+the framework's. Going through transformers' module tree, every layer pays for module calls,
+keyword plumbing, mask preparation, output records and a dozen small tensor operations that a
+single-token step does not need; on the 8-layer CPU benchmark model that was most of a 5 ms
+step at batch 1 for well under 1 ms of arithmetic. This runs the same math with about half the
+tensor operations and no module calls:
+
+* q, k and v come from one matrix product, and so do the MLP's gate and up projections: the
+  model's own weights are re-laid out once into fused tensors, and the modules' parameters
+  become views into them, so no weight is held twice and transformers' forward (which still
+  runs every prefill) reads the same numbers;
+* on CPU, matrices with more outputs than inputs (q/k/v, gate/up, the output head) are stored
+  input-major: for one row, MKL's product with the usual [out, in] layout ran 1.4-4x slower
+  than with [in, out] here (the output head most), and at 16 or more rows the two were equal;
+* rotary cos/sin come from a table computed once for every position, by the same formula as
+  transformers' rotary embedding;
+* keys and values go into the paged pool directly and come out of it by whole blocks (one
+  gather per block, not per token: at 32 rows the per-token gather was 38% of the step);
+* attention is PyTorch's SDPA with the step's mask, as transformers' "sdpa" attention calls it.
+
+The math is Granite's (what MiniCPM is loaded as; see model/checkpoint.py): embeddings times
+`embedding_multiplier`, residual branches times `residual_multiplier`, attention scaled by
+`attention_multiplier`, logits divided by `logits_scaling`. tests/test_lean.py checks the logits
+against transformers' forward on every tiny shape, and greedy answers through the engine.
+
+Only configurations this code knows are accepted (`LeanDecoder.supports`): default RoPE, SiLU,
+no biases, RMSNorm. Anything else decodes through transformers, as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from minicpm_server.engine.native.paged import BlockDecodeLayout, PagedKVCache
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's weights; every matrix is a right operand: y = x @ matrix."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [hidden, (heads + 2 * kv_heads) * head_dim]
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [hidden, 2 * intermediate]
+    down: torch.Tensor
+
+
+def relayout(modules: list[torch.nn.Linear], *, input_major: bool) -> torch.Tensor:
+    """Fuse the modules' weights along the output axis and return the right operand R of
+    y = x @ R. `input_major` stores R contiguously ([in, out]); otherwise R is the transpose
+    view of the usual [out, in]. Each module's weight becomes a view into R's storage."""
+    weights = [m.weight.detach() for m in modules]
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+    right = stacked.t().contiguous() if input_major else stacked.t()
+    start = 0
+    for module in modules:
+        rows = module.weight.shape[0]
+        module.weight = torch.nn.Parameter(right[:, start : start + rows].t(), requires_grad=False)
+        start += rows
+    return right
+
+
+class LeanDecoder:
+    """`logits = decoder(ids, positions, layout)`: ids and positions are [B] (one token per row).
+
+    Building one re-lays out the model's weights in place (see the module docstring)."""
+
+    def __init__(self, model: Any, cache: PagedKVCache, block_size: int) -> None:
+        config = model.config
+        self.cache = cache
+        self.block_size = block_size
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.embedding_multiplier = config.embedding_multiplier
+        self.residual_multiplier = config.residual_multiplier
+        self.attention_multiplier = config.attention_multiplier
+        self.logits_scaling = config.logits_scaling
+        inner = model.model
+        on_cpu = inner.embed_tokens.weight.device.type == "cpu"
+
+        def right(modules: list[torch.nn.Linear]) -> torch.Tensor:
+            wide = sum(m.out_features for m in modules) > modules[0].in_features
+            return relayout(modules, input_major=on_cpu and wide)
+
+        self.layers = [
+            _Layer(
+                input_norm=layer.input_layernorm.weight,
+                qkv=right([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                o=right([layer.self_attn.o_proj]),
+                post_norm=layer.post_attention_layernorm.weight,
+                gate_up=right([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                down=right([layer.mlp.down_proj]),
+            )
+            for layer in inner.layers
+        ]
+        tied = model.lm_head.weight is inner.embed_tokens.weight
+        self.lm_head = right([model.lm_head])
+        if tied:  # MiniCPM ties them: keep one copy, which the embedding reads as a strided view
+            inner.embed_tokens.weight = model.lm_head.weight
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.cos, self.sin = self._rotary_table(inner.rotary_emb, config.max_position_embeddings)
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether this code computes what the model's own forward does."""
+        config = model.config
+        rope = getattr(config, "rope_parameters", None) or {}
+        return (
+            getattr(config, "model_type", "") == "granite"
+            and rope.get("rope_type", "default") == "default"
+            and config.hidden_act == "silu"
+            and not getattr(config, "attention_bias", False)
+            and not getattr(config, "mlp_bias", False)
+        )
+
+    def _rotary_table(self, rotary: Any, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for every position, computed by transformers' own rotary embedding."""
+        ids = torch.arange(positions, device=self.embed.device)[None, :]
+        cos, sin = rotary(self.embed[:1], position_ids=ids)
+        return cos[0], sin[0]
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, layout: BlockDecodeLayout) -> torch.Tensor:
+        rows = ids.shape[0]
+        x = F.embedding(ids, self.embed) * self.embedding_multiplier  # [B, hidden]
+        cos = self.cos[positions][:, None, :]  # [B, 1, D]: the same for every head
+        sin = self.sin[positions][:, None, :]
+        q_heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        half = dim // 2
+        for index, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer.input_norm)
+            qkv = (h @ layer.qkv).view(rows, q_heads + 2 * kv_heads, dim)
+            qk, v = qkv[:, : q_heads + kv_heads], qkv[:, q_heads + kv_heads :]
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            q, k = qk[:, :q_heads], qk[:, q_heads:]
+            self.cache.write(index, layout.write_slots, k, v)
+            keys, values = self.cache.gather_blocks(index, layout.read_blocks, self.block_size)
+            # One query per row: the query heads sharing a KV head become that head's queries, so
+            # grouped KV is never repeated (the [B, 1, 1, T] mask broadcasts over them).
+            attended = F.scaled_dot_product_attention(
+                q.reshape(rows, kv_heads, q_heads // kv_heads, dim),
+                keys,
+                values,
+                attn_mask=layout.mask,
+                scale=self.attention_multiplier,
+            )
+            x = x + (attended.reshape(rows, q_heads * dim) @ layer.o) * self.residual_multiplier
+            gate, up = (self._rms_norm(x, layer.post_norm) @ layer.gate_up).chunk(2, dim=-1)
+            x = x + ((F.silu(gate) * up) @ layer.down) * self.residual_multiplier
+        return (self._rms_norm(x, self.norm) @ self.lm_head) / self.logits_scaling
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Granite's RMSNorm: in float32, then back to the weights' dtype before the scale."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * normed.to(x.dtype)

@@ -1,0 +1,145 @@
+"""The lean decode step computes what transformers' forward computes, on the same weights."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from minicpm_server.engine.native.blocks import BlockPool, blocks_for
+from minicpm_server.engine.native.budget import KvShape
+from minicpm_server.engine.native.compiled import DecodeForward
+from minicpm_server.engine.native.lean import LeanDecoder
+from minicpm_server.engine.native.paged import PagedKVCache
+from minicpm_server.model.checkpoint import load_checkpoint
+from tests.test_engine import PROMPTS, greedy, result, run, submit
+
+BLOCK = 16
+
+
+def decoder_pair(path, dtype: str):
+    """Two copies of one checkpoint, each with a KV pool holding the same random context: one
+    decodes through transformers' forward, the other through the lean decoder."""
+    runners = []
+    for lean in (False, True):
+        model = load_checkpoint(path, device="cpu", dtype=dtype).model
+        shape = KvShape.of(model)
+        blocks = 4 * blocks_for(200, BLOCK) + 1
+        cache = PagedKVCache(
+            shape.num_layers, blocks * BLOCK + 1, shape.kv_heads, shape.head_dim, shape.dtype, model.device
+        )
+        generator = torch.Generator().manual_seed(0)
+        for pool in (*cache.keys, *cache.values):
+            pool.copy_(torch.randn(pool.shape, generator=generator))
+        cache.zero_null_block(BLOCK)
+        runner = DecodeForward(
+            model,
+            cache,
+            block_size=BLOCK,
+            scratch_slot=blocks * BLOCK,
+            max_batch=4,
+            context_window=1024,
+            compile=False,
+            lean=lean,
+        )
+        runners.append(runner)
+    return runners
+
+
+def step_inputs(rows: int, vocab: int):
+    pool = BlockPool(4 * blocks_for(200, BLOCK) + 1, BLOCK, prefix_caching=False)
+    tables = [pool.reserve([0], 200)[0] for _ in range(rows)]
+    width = blocks_for(1024, BLOCK)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    generator = torch.Generator().manual_seed(rows)
+    last = torch.randint(0, vocab, (rows,), generator=generator)
+    lengths = torch.randint(1, 180, (rows,), generator=generator)
+    return last, lengths, table, int(lengths.max()) + 1
+
+
+@pytest.mark.parametrize(
+    ("fixture", "dtype"), [("tiny_dir", "float32"), ("gqa_dir", "float32"), ("tiny_dir", "bfloat16")]
+)
+def test_lean_logits_match_transformers(request, fixture: str, dtype: str) -> None:
+    eager, lean = decoder_pair(request.getfixturevalue(fixture), dtype)
+    assert eager.lean is None and lean.lean is not None
+    tolerance = 1e-4 if dtype == "float32" else 3e-2
+    with torch.inference_mode():
+        for rows in (1, 3, 4):  # ragged lengths: rows read different numbers of blocks
+            inputs = step_inputs(rows, eager.model.config.vocab_size)
+            expected, got = eager(*inputs), lean(*inputs)
+            assert got.shape == expected.shape
+            assert torch.allclose(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+            if dtype == "float32":
+                assert torch.equal(got.argmax(-1), expected.argmax(-1))
+            # both wrote this step's keys and values into the same slots
+            slots = inputs[2].gather(1, (inputs[1] // BLOCK)[:, None])[:, 0] * BLOCK + inputs[1] % BLOCK
+            for a, b in zip(eager.cache.keys, lean.cache.keys, strict=True):
+                assert torch.allclose(a[slots].float(), b[slots].float(), atol=tolerance, rtol=tolerance)
+
+
+def test_relayout_shares_storage_and_keeps_transformers_forward(tiny_dir) -> None:
+    model = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        parameters_before = sum(p.numel() for p in model.parameters())
+        shape = KvShape.of(model)
+        cache = PagedKVCache(
+            shape.num_layers, 64 * BLOCK + 1, shape.kv_heads, shape.head_dim, shape.dtype, model.device
+        )
+        lean = LeanDecoder(model, cache, BLOCK)
+        after = model(input_ids=ids).logits
+    attention = model.model.layers[0].self_attn
+    fused = lean.layers[0].qkv
+    for module in (attention.q_proj, attention.k_proj, attention.v_proj):
+        assert module.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: one copy
+    assert sum(p.numel() for p in model.parameters()) == parameters_before
+    assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
+
+
+def test_lean_reads_only_finite_memory_after_zeroing(tiny_dir) -> None:
+    """Reserved blocks are zeroed: NaN left in a never-written slot past a row's length would
+    otherwise turn attention's output into NaN, mask or no mask."""
+    _, lean = decoder_pair(tiny_dir, "float32")
+    inputs = step_inputs(2, lean.model.config.vocab_size)
+    table = inputs[2]
+    with torch.inference_mode():
+        for pool in (*lean.cache.values, *lean.cache.keys):
+            pool.fill_(float("nan"))
+        assert torch.isnan(lean(*inputs)).all()  # the control: NaN memory does poison the step
+        used = sorted({int(b) for b in table.flatten() if b != 0})
+        lean.cache.zero_blocks(used, BLOCK)
+        assert torch.isfinite(lean(*inputs)).all()
+
+
+def test_unsupported_configs_decode_through_transformers(tiny_dir) -> None:
+    model = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    assert LeanDecoder.supports(model)
+    model.config.mlp_bias = True
+    assert not LeanDecoder.supports(model)
+    model.config.mlp_bias = False
+    model.config.rope_parameters = {**model.config.rope_parameters, "rope_type": "linear"}
+    assert not LeanDecoder.supports(model)
+
+
+def test_engine_answers_equal_with_and_without_lean(tiny_dir) -> None:
+    """Greedy answers through the whole engine, alone and batched, are the same either way."""
+
+    def answers(lean: bool):
+        loaded = load_checkpoint(tiny_dir, device="cpu", dtype="float32")
+
+        async def body(engine):
+            alone = [(await result(submit(engine, loaded, p, greedy(24)))).text for p in PROMPTS]
+            together = await asyncio.gather(*(result(submit(engine, loaded, p, greedy(24))) for p in PROMPTS))
+            return alone, [c.text for c in together], engine._decode.lean is not None
+
+        return run(loaded, body, lean=lean)
+
+    plain_alone, plain_together, used_lean = answers(False)
+    assert not used_lean
+    alone, together, used_lean = answers(True)
+    assert used_lean
+    assert alone == plain_alone and together == plain_together

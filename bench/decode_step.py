@@ -1,11 +1,15 @@
-"""Per-step time of the decode forward pass, eager vs compiled, on the same model in the same run.
+"""Per-step time of the decode forward pass three ways, on the same checkpoint in the same run:
+transformers' forward ("transformers", eager), our lean decoder ("lean", the default), and the
+compiled step ("compiled", --compile).
 
     python -m bench.decode_step                  # the `deep` checkpoint: 40 layers (MiniCPM-2B's depth), tiny width
-    python -m bench.decode_step --size medium --batches 1,16
+    python -m bench.decode_step --size medium --batches 1,16,32
+    python -m bench.decode_step --no-compile     # skip the compiled step (compiling takes minutes here)
 
 For each batch size, rows with `--context` tokens already in the cache take `--steps` decode
 steps; the first compiled steps of each shape (compilation) are timed apart and left out.
-Eager and compiled steps alternate in rounds, so machine noise hits both alike.
+The three alternate in rounds, so machine noise hits them alike. Ratios are against
+transformers' forward.
 """
 
 from __future__ import annotations
@@ -34,13 +38,19 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled step")
     args = parser.parse_args()
     cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minicpm-server"
-    loaded = load_checkpoint(cached_tiny_checkpoint(cache_root, args.size), device=args.device, dtype="auto")
+    checkpoint = cached_tiny_checkpoint(cache_root, args.size)
+    loaded = load_checkpoint(checkpoint, device=args.device, dtype="auto")
     model, window, block = loaded.model, loaded.context_window, 16
     batches = [int(b) for b in args.batches.split(",")]
+    kinds = {"transformers": {"lean": False}, "lean": {"lean": True}}
+    if not args.no_compile:
+        kinds["compiled"] = {"compile": True}
     shape = KvShape.of(model)
-    blocks = max(batches) * blocks_for(args.context + args.steps * args.rounds * 2 + 1, block) + 1
+    tokens_per_row = args.context + args.steps * args.rounds * len(kinds) + 1
+    blocks = max(batches) * blocks_for(tokens_per_row, block) + 1
     pool = BlockPool(blocks, block, prefix_caching=False)
     cache = PagedKVCache(
         shape.num_layers, blocks * block + 1, shape.kv_heads, shape.head_dim, shape.dtype, model.device
@@ -49,16 +59,17 @@ def main() -> None:
         t.normal_(0, 1)  # stands in for a prompt's keys and values
     cache.zero_null_block(block)
     runners = {
-        flag: DecodeForward(
-            model,
+        # Each its own copy of the model: the lean step packs the layers of the model it runs.
+        name: DecodeForward(
+            load_checkpoint(checkpoint, device=args.device, dtype="auto").model,
             cache,
             block_size=block,
             scratch_slot=blocks * block,
             max_batch=max(batches),
             context_window=window,
-            compile=flag,
+            **{"compile": False, **options},
         )
-        for flag in (False, True)
+        for name, options in kinds.items()
     }
     print(
         f"{args.size}: {shape.num_layers} layers, {loaded.model.config.hidden_size} wide, {model.device}; "
@@ -66,34 +77,42 @@ def main() -> None:
     )
     with torch.inference_mode():
         for rows in batches:
-            tables, length = [], args.context
-            for _ in range(rows):
-                reserved = pool.reserve([0], args.context + args.steps * args.rounds * 2 + 1)
-                assert reserved is not None
-                tables.append(reserved[0])
-            width = blocks_for(window, block)
-            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=model.device)
-            last = torch.full((rows,), 5, device=model.device)
+            time_steps(runners, pool, rows, args, tokens_per_row, blocks_for(window, block), model.device)
+
+
+def time_steps(runners: dict, pool: BlockPool, rows: int, args, tokens_per_row: int, width: int, device) -> None:
+    tables, length = [], args.context
+    for _ in range(rows):
+        reserved = pool.reserve([0], tokens_per_row)
+        assert reserved is not None
+        tables.append(reserved[0])
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+    last = torch.full((rows,), 5, device=device)
+    compile_note = ""
+    if "compiled" in runners:
+        start = time.perf_counter()
+        runners["compiled"](last, torch.full((rows,), length, device=device), table, length + 1)
+        compile_note = f" (first compiled step, compiling: {time.perf_counter() - start:.1f} s)"
+        if not runners["compiled"].is_compiled:
+            compile_note += "  [compiled step FAILED: fell back to eager]"
+    per_step: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
             start = time.perf_counter()
-            runners[True](last, torch.full((rows,), length, device=model.device), table, length + 1)
-            compile_seconds = time.perf_counter() - start
-            per_step: dict[bool, list[float]] = {False: [], True: []}
-            for _ in range(args.rounds):
-                for flag, runner in runners.items():
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        lengths = torch.full((rows,), length, device=model.device)
-                        runner(last, lengths, table, length + 1).argmax(-1).tolist()  # sync, as the engine does
-                        length += 1
-                    per_step[flag].append((time.perf_counter() - start) / args.steps)
-            eager, compiled = statistics.median(per_step[False]), statistics.median(per_step[True])
-            print(
-                f"  batch {rows:3d}: eager {eager * 1000:7.2f} ms/step, compiled {compiled * 1000:7.2f} ms/step "
-                f"-> {eager / compiled:.2f}x (first compiled step, compiling: {compile_seconds:.1f} s)"
-                f"{'' if runners[True].is_compiled else '  [compiled step FAILED: fell back to eager]'}"
-            )
-            for t in tables:
-                pool.release(t)
+            for _ in range(args.steps):
+                lengths = torch.full((rows,), length, device=device)
+                runner(last, lengths, table, length + 1).argmax(-1).tolist()  # sync, as the engine does
+                length += 1
+            per_step[name].append((time.perf_counter() - start) / args.steps)
+    medians = {name: statistics.median(times) for name, times in per_step.items()}
+    base = medians["transformers"]
+    shown = ", ".join(
+        f"{name} {ms * 1000:7.2f} ms/step" + ("" if name == "transformers" else f" ({base / ms:.2f}x)")
+        for name, ms in medians.items()
+    )
+    print(f"  batch {rows:3d}: {shown}{compile_note}")
+    for t in tables:
+        pool.release(t)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from minicpm_server.engine.native.blocks import BlockPool, blocks_for
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.compiled import DecodeForward
 from minicpm_server.engine.native.lean import LeanDecoder
+from minicpm_server.engine.native.packed import PackedLinear, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.model.checkpoint import load_checkpoint
 from tests.test_engine import PROMPTS, greedy, result, run, submit
@@ -89,15 +90,40 @@ def test_relayout_shares_storage_and_keeps_transformers_forward(tiny_dir) -> Non
         cache = PagedKVCache(
             shape.num_layers, 64 * BLOCK + 1, shape.kv_heads, shape.head_dim, shape.dtype, model.device
         )
-        lean = LeanDecoder(model, cache, BLOCK)
+        lean = LeanDecoder(model, cache, BLOCK, pack_weights=False)
         after = model(input_ids=ids).logits
     attention = model.model.layers[0].self_attn
-    fused = lean.layers[0].qkv
+    fused = lean.layers[0].qkv.right
     for module in (attention.q_proj, attention.k_proj, attention.v_proj):
         assert module.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: one copy
     assert sum(p.numel() for p in model.parameters()) == parameters_before
     assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear operators")
+def test_packed_layers_replace_the_weights_and_keep_transformers_forward(tiny_dir) -> None:
+    model = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    dense_layer_weights = sum(p.numel() for p in model.model.layers.parameters())
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        shape = KvShape.of(model)
+        cache = PagedKVCache(
+            shape.num_layers, 64 * BLOCK + 1, shape.kv_heads, shape.head_dim, shape.dtype, model.device
+        )
+        lean = LeanDecoder(model, cache, BLOCK, pack_weights=True)
+        after = model(input_ids=ids).logits  # transformers' forward through the packed layers
+    assert lean.packed
+    first = model.model.layers[0]
+    assert isinstance(first.self_attn.q_proj, PackedLinear) and isinstance(first.mlp.down_proj, PackedLinear)
+    # the dense copies are gone: only the norms' weights are left as parameters in the layers
+    left = sum(p.numel() for p in model.model.layers.parameters())
+    assert left == sum(layer.input_layernorm.weight.numel() * 2 for layer in model.model.layers) < dense_layer_weights
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+    assert torch.equal(before.argmax(-1), after.argmax(-1))
+    LeanDecoder(model, cache, BLOCK, pack_weights=True)  # packing a packed model changes nothing
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PackedLinear)
 
 
 def test_lean_reads_only_finite_memory_after_zeroing(tiny_dir) -> None:

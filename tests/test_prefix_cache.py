@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+import requests
+
 from minicpm_server.engine.native.blocks import BlockPool
 from minicpm_server.engine.protocol import GenerationRequest
 from minicpm_server.model import chat
@@ -80,3 +84,27 @@ def test_cached_prefixes_are_evicted_least_recently_used_first() -> None:
     pool.release(table)
     assert pool.reserve(old, 12)[1] == 0  # the old prefix was evicted
     assert pool.cached == 2  # the recent one was not
+
+
+def test_metrics_report_prefix_hits_and_kv_memory(server) -> None:
+    """A chat's second turn resends the first: /metrics counts the prompt tokens reused."""
+
+    def sample(name: str) -> float:
+        text = requests.get(server.url + "/metrics", timeout=30).text
+        found = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+        assert found, f"{name} missing from /metrics"
+        return float(found.group(1))
+
+    capacity = sample("minicpm_kv_cache_capacity_tokens")
+    assert capacity > 0 and 0 <= sample("minicpm_kv_cache_used_tokens") <= capacity
+    question = {"role": "user", "content": "tell me about the mountains and rivers of Shandong province " * 3}
+    body = {"messages": [question], "max_tokens": 8, "temperature": 0}
+    first = requests.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    before = sample("minicpm_prefix_cache_hit_tokens_total")
+    answer = {"role": "assistant", "content": first["choices"][0]["message"]["content"]}
+    body["messages"] = [question, answer, {"role": "user", "content": "and the lakes?"}]
+    second = requests.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert second.status_code == 200
+    reused = sample("minicpm_prefix_cache_hit_tokens_total") - before
+    # at least the first turn's prompt, in whole 16-token blocks
+    assert reused >= (first["usage"]["prompt_tokens"] // 16) * 16 > 0

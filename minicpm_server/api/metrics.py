@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from minicpm_server.engine.protocol import Engine
@@ -65,7 +65,7 @@ class Metrics:
 
 
 class _EngineCounters:
-    """Counters the engine keeps itself (failed steps, cache releases), exposed as they stand."""
+    """What the engine keeps itself (failed steps, cache releases, KV memory), exposed as it stands."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -82,3 +82,18 @@ class _EngineCounters:
         for reason, count in stats.finished.items():
             finished.add_metric([reason], count)
         yield finished
+        if stats.prefix_hit_tokens is not None:
+            yield CounterMetricFamily(
+                "minicpm_prefix_cache_hit_tokens",
+                "Prompt tokens whose KV a cached prefix supplied (not computed again)",
+                value=stats.prefix_hit_tokens,
+            )
+        if stats.kv_used_tokens is not None and stats.kv_capacity_tokens is not None:
+            yield GaugeMetricFamily(
+                "minicpm_kv_cache_used_tokens",
+                "KV token slots held by running requests or cached prefixes",
+                value=stats.kv_used_tokens,
+            )
+            yield GaugeMetricFamily(
+                "minicpm_kv_cache_capacity_tokens", "KV token slots in the pool", value=stats.kv_capacity_tokens
+            )

@@ -89,6 +89,10 @@ class EngineStats:
     failures: int = 0
     cache_releases: int = 0
     finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("stop", "length", "cancelled"), 0))
+    # KV memory, where the backend reports it (None: it does not, and the metric is left out)
+    prefix_hit_tokens: int | None = None  # prompt tokens whose KV a cached prefix supplied
+    kv_used_tokens: int | None = None  # token slots held by requests or cached prefixes
+    kv_capacity_tokens: int | None = None
 
 
 # --------------------------------------------------------------------------- errors

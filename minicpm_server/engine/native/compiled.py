@@ -79,7 +79,13 @@ class DecodeForward:
         self.compiled: Any = None
         self._cache_kwarg = cache_argument_name(model)
         self._shapes: set[tuple[int, int]] = set()
-        self.lean = LeanDecoder(model, cache, block_size) if lean and LeanDecoder.supports(model) else None
+        # Compiling traces transformers' forward, whose layers must then stay plain nn.Linear.
+        packing = False if compile else None
+        self.lean = (
+            LeanDecoder(model, cache, block_size, pack_weights=packing)
+            if lean and LeanDecoder.supports(model)
+            else None
+        )
         if compile:
             self.compiled = self._compile()
 

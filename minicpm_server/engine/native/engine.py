@@ -17,8 +17,11 @@ penalty per request (the tutorial's defaults need one). So the engine drives the
 * Prefix reuse: a finished request's full blocks (prompt and answer) stay in the pool, indexed
   by their tokens, until the space is needed (least recently used first). A chat's next turn
   resends that history, finds those blocks, and prefills only what is new.
-* The decode step's forward pass may be compiled (compiled.py, --compile): static shapes by
-  batch-size and key-length buckets, eager whenever compiling fails.
+* The decode step's forward pass is our own (lean.py): the model's math over its own weights,
+  fused and laid out for one token per row, reading the paged KV by whole blocks; it was
+  1.6-2x faster per step than transformers' forward on the CPU benchmark model. Prefill runs
+  transformers' forward. With --compile the decode step is compiled instead (compiled.py):
+  static shapes by batch-size and key-length buckets, lean whenever compiling fails.
 * Sampling is per row (sampling.py): temperature, top-k, top-p, repetition penalty, greedy, and
   a private random generator for requests that give a seed.
 * Text leaves through an incremental detokenizer that never splits a UTF-8 character; stop
@@ -243,8 +246,17 @@ class NativeEngine:
 
     @property
     def stats(self) -> EngineStats:
-        c = self._counters
-        return EngineStats(self.num_running, self.num_waiting, c.failures, c.cache_releases, dict(c.finished))
+        c, pool = self._counters, self._pool
+        return EngineStats(
+            self.num_running,
+            self.num_waiting,
+            c.failures,
+            c.cache_releases,
+            dict(c.finished),
+            prefix_hit_tokens=pool.hit_tokens,
+            kv_used_tokens=pool.used * self.block_size,
+            kv_capacity_tokens=pool.capacity_tokens,
+        )
 
     @property
     def kv_stats(self) -> KvStats:

@@ -31,25 +31,39 @@ no biases, RMSNorm. Anything else decodes through transformers, as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from minicpm_server.engine.native.packed import PackedLinear, PackedProjection, pack, packing_available
 from minicpm_server.engine.native.paged import BlockDecodeLayout, PagedKVCache
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class _Layer:
-    """One decoder layer's weights; every matrix is a right operand: y = x @ matrix."""
+    """One decoder layer: norms' weights, and its matrix products as functions of the input."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [hidden, (heads + 2 * kv_heads) * head_dim]
-    o: torch.Tensor
+    qkv: Projection  # -> [..., (heads + 2 * kv_heads) * head_dim]
+    o: Projection
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [hidden, 2 * intermediate]
-    down: torch.Tensor
+    gate_up: Projection  # -> [..., 2 * intermediate]
+    down: Projection
+
+
+class _Dense:
+    """x @ right, with `right` from relayout()."""
+
+    def __init__(self, right: torch.Tensor) -> None:
+        self.right = right
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.right
 
 
 def relayout(modules: list[torch.nn.Linear], *, input_major: bool) -> torch.Tensor:
@@ -72,7 +86,8 @@ class LeanDecoder:
 
     Building one re-lays out the model's weights in place (see the module docstring)."""
 
-    def __init__(self, model: Any, cache: PagedKVCache, block_size: int) -> None:
+    def __init__(self, model: Any, cache: PagedKVCache, block_size: int, *, pack_weights: bool | None = None) -> None:
+        """`pack_weights`: oneDNN-packed layers (packed.py); by default on CPU where available."""
         config = model.config
         self.cache = cache
         self.block_size = block_size
@@ -86,23 +101,32 @@ class LeanDecoder:
         self.logits_scaling = config.logits_scaling
         inner = model.model
         on_cpu = inner.embed_tokens.weight.device.type == "cpu"
+        if pack_weights is None:
+            pack_weights = on_cpu and packing_available()
 
         def right(modules: list[torch.nn.Linear]) -> torch.Tensor:
             wide = sum(m.out_features for m in modules) > modules[0].in_features
             return relayout(modules, input_major=on_cpu and wide)
 
+        def projection(parent: Any, names: list[str]) -> Projection:
+            # A model packed by an earlier engine stays packed: its dense weights are gone.
+            if pack_weights or any(isinstance(getattr(parent, name), PackedLinear) for name in names):
+                return PackedProjection([pack(parent, name) for name in names])
+            return _Dense(right([getattr(parent, name) for name in names]))
+
         self.layers = [
             _Layer(
                 input_norm=layer.input_layernorm.weight,
-                qkv=right([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                o=right([layer.self_attn.o_proj]),
+                qkv=projection(layer.self_attn, ["q_proj", "k_proj", "v_proj"]),
+                o=projection(layer.self_attn, ["o_proj"]),
                 post_norm=layer.post_attention_layernorm.weight,
-                gate_up=right([layer.mlp.gate_proj, layer.mlp.up_proj]),
-                down=right([layer.mlp.down_proj]),
+                gate_up=projection(layer.mlp, ["gate_proj", "up_proj"]),
+                down=projection(layer.mlp, ["down_proj"]),
             )
             for layer in inner.layers
         ]
         tied = model.lm_head.weight is inner.embed_tokens.weight
+        self.packed = isinstance(self.layers[0].qkv, PackedProjection)
         self.lm_head = right([model.lm_head])
         if tied:  # MiniCPM ties them: keep one copy, which the embedding reads as a strided view
             inner.embed_tokens.weight = model.lm_head.weight
@@ -138,7 +162,7 @@ class LeanDecoder:
         half = dim // 2
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
-            qkv = (h @ layer.qkv).view(rows, q_heads + 2 * kv_heads, dim)
+            qkv = layer.qkv(h).view(rows, q_heads + 2 * kv_heads, dim)
             qk, v = qkv[:, : q_heads + kv_heads], qkv[:, q_heads + kv_heads :]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
             q, k = qk[:, :q_heads], qk[:, q_heads:]
@@ -153,13 +177,16 @@ class LeanDecoder:
                 attn_mask=layout.mask,
                 scale=self.attention_multiplier,
             )
-            x = x + (attended.reshape(rows, q_heads * dim) @ layer.o) * self.residual_multiplier
-            gate, up = (self._rms_norm(x, layer.post_norm) @ layer.gate_up).chunk(2, dim=-1)
-            x = x + ((F.silu(gate) * up) @ layer.down) * self.residual_multiplier
+            x = x + layer.o(attended.reshape(rows, q_heads * dim)) * self.residual_multiplier
+            gate, up = layer.gate_up(self._rms_norm(x, layer.post_norm)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up) * self.residual_multiplier
         return (self._rms_norm(x, self.norm) @ self.lm_head) / self.logits_scaling
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Granite's RMSNorm: in float32, then back to the weights' dtype before the scale."""
+        """Granite's RMSNorm: in float32, then back to the weights' dtype before the scale.
+        In float32 PyTorch's fused RMSNorm computes bit-identical results in one operation."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, weight.shape, weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * normed.to(x.dtype)

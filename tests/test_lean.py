@@ -120,6 +120,8 @@ def test_packed_layers_replace_the_weights_and_keep_transformers_forward(tiny_di
     # the dense copies are gone: only the norms' weights are left as parameters in the layers
     left = sum(p.numel() for p in model.model.layers.parameters())
     assert left == sum(layer.input_layernorm.weight.numel() * 2 for layer in model.model.layers) < dense_layer_weights
+    # the output head is a packed copy; the embedding table it was tied to stays dense
+    assert isinstance(model.lm_head, PackedLinear) and model.model.embed_tokens.weight.is_contiguous()
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
     assert torch.equal(before.argmax(-1), after.argmax(-1))
     LeanDecoder(model, cache, BLOCK, pack_weights=True)  # packing a packed model changes nothing

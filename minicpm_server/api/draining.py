@@ -38,4 +38,3 @@ class DrainingServer(uvicorn.Server):
     def _drain_then_exit(self) -> None:
         self.service.drain(self.shutdown_timeout)
         self.should_exit = True
-

@@ -37,7 +37,11 @@ _TYPES = {
 }
 
 
-BODY_MODELS = {"/": LegacyChatRequest, "/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+BODY_MODELS = {
+    "/": LegacyChatRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+}
 
 
 class APIError(Exception):
@@ -114,7 +118,9 @@ def describe_validation_error(exc: RequestValidationError, request: Request) -> 
             400, "request body must be a JSON object sent with 'Content-Type: application/json'", code="invalid_body"
         )
     if kind == "extra_forbidden":
-        return APIError(400, f"unknown field '{field}'{_did_you_mean(loc[-1], request)}", param=field, code="unknown_field")
+        return APIError(
+            400, f"unknown field '{field}'{_did_you_mean(loc[-1], request)}", param=field, code="unknown_field"
+        )
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     where = f"field '{field}'" if field else "request body"

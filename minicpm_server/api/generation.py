@@ -43,7 +43,9 @@ def prepare(engine: Engine, body: GenerationBody) -> PreparedRequest:
     return PreparedRequest(body.to_generation_request(ids, engine.context_window), text)
 
 
-async def submit(engine: Engine, body: GenerationBody, request: Request, metrics: Metrics, timeout: float) -> TrackedGeneration:
+async def submit(
+    engine: Engine, body: GenerationBody, request: Request, metrics: Metrics, timeout: float
+) -> TrackedGeneration:
     """Rendering and tokenizing a long history takes real time: it runs off the event loop."""
     prepared = await asyncio.to_thread(prepare, engine, body)
     return TrackedGeneration.submit(engine, prepared, request, metrics, timeout)

@@ -73,7 +73,9 @@ class SamplingFields(StrictModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = Field(False, description="Keep generating after the end-of-sequence token.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's probability.")
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's probability."
+    )
     presence_penalty: float | None = Field(
         None, ge=-2.0, le=2.0, description="Subtracted from the logit of every token already generated."
     )
@@ -110,7 +112,9 @@ class LegacyChatRequest(SamplingFields):
     history: list[ChatMessage] | None = Field(None, description="Earlier turns, oldest first.")
     max_length: int | None = Field(None, ge=1, description="Total tokens, prompt included, as in model.chat.")
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate; wins over max_length.")
-    max_tokens: int | None = Field(None, ge=1, description="OpenAI's name for max_new_tokens (which wins if both are sent).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="OpenAI's name for max_new_tokens (which wins if both are sent)."
+    )
     do_sample: bool = Field(True, description="false means greedy decoding.")
     stop: Stop = Field(None, description=f"Stop when one of these (up to {MAX_STOP_STRINGS}) appears.")
     stream: bool = Field(False, description="Answer as newline-delimited JSON chunks.")

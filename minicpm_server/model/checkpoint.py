@@ -336,4 +336,3 @@ def load_checkpoint(
     seconds = time.perf_counter() - start
     log.info("loaded %s on %s as %s (%s attention) in %.1f s", files.path, torch_device, torch_dtype, attn, seconds)
     return LoadedCheckpoint(model, tokenizer, files, torch_device, torch_dtype, attn)
-

@@ -175,8 +175,6 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
-
-
 # --------------------------------------------------------------------------- checks
 
 

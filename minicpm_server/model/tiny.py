@@ -125,10 +125,48 @@ def _synthetic_corpus(seed: int, lines: int = 4000) -> list[str]:
     so streamed answers really do contain characters split across several tokens.
     """
     rng = random.Random(seed)
-    onsets = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z", "ch", "sh", "th"]
+    onsets = [
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "y",
+        "z",
+        "ch",
+        "sh",
+        "th",
+    ]
     vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
     words = ["".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
-    words += ["the", "model", "answers", "what", "is", "mountain", "river", "city", "how", "are", "you", "hello", "world", "code"]
+    words += [
+        "the",
+        "model",
+        "answers",
+        "what",
+        "is",
+        "mountain",
+        "river",
+        "city",
+        "how",
+        "are",
+        "you",
+        "hello",
+        "world",
+        "code",
+    ]
     han = [chr(c) for c in range(0x4E00, 0x4E00 + 1500)] + list("用户你好山东省最高的是哪座它比黄还矮差距多少")
     punct = ["，", "。", "？", ", ", ". ", "? ", "\n"]
 
@@ -252,7 +290,9 @@ def _tokenizer_config() -> dict:
     }
 
 
-def write_tokenizer(path: Path, vocab_size: int, seed: int, *, from_dir: Path | None = None, lossy_json: bool = True) -> int:
+def write_tokenizer(
+    path: Path, vocab_size: int, seed: int, *, from_dir: Path | None = None, lossy_json: bool = True
+) -> int:
     """Write the tokenizer files; returns the vocabulary size the model must have.
 
     `from_dir` takes a real `tokenizer.model` (MiniCPM-2B's own) instead of training one; then the

@@ -102,7 +102,9 @@ class TokenizerJsonTokenizer:
         self.eos_token = _token_text(config.get("eos_token"), "</s>")
         bos, eos = self._tok.token_to_id(self.bos_token), self._tok.token_to_id(self.eos_token)
         if bos is None or eos is None:
-            raise TokenizerError(f"{json_file} has no {self.bos_token}/{self.eos_token} tokens; not a MiniCPM tokenizer")
+            raise TokenizerError(
+                f"{json_file} has no {self.bos_token}/{self.eos_token} tokens; not a MiniCPM tokenizer"
+            )
         self.bos_token_id, self.eos_token_id = bos, eos
         self.chat_template = config.get("chat_template")
         self.vocab_size = self._tok.get_vocab_size()
@@ -165,4 +167,3 @@ def _token_text(value: Any, default: str) -> str:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else default
-

@@ -125,11 +125,14 @@ class LeanDecoder:
             )
             for layer in inner.layers
         ]
-        tied = model.lm_head.weight is inner.embed_tokens.weight
         self.packed = isinstance(self.layers[0].qkv, PackedProjection)
-        self.lm_head = right([model.lm_head])
-        if tied:  # MiniCPM ties them: keep one copy, which the embedding reads as a strided view
-            inner.embed_tokens.weight = model.lm_head.weight
+        if self.packed:  # a packed copy: the embedding table stays dense for its row lookups
+            self.lm_head: Projection = PackedProjection([pack(model, "lm_head")])
+        else:
+            tied = model.lm_head.weight is inner.embed_tokens.weight
+            self.lm_head = _Dense(right([model.lm_head]))
+            if tied:  # MiniCPM ties them: keep one copy, which the embedding reads as a strided view
+                inner.embed_tokens.weight = model.lm_head.weight
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.cos, self.sin = self._rotary_table(inner.rotary_emb, config.max_position_embeddings)
@@ -180,7 +183,7 @@ class LeanDecoder:
             x = x + layer.o(attended.reshape(rows, q_heads * dim)) * self.residual_multiplier
             gate, up = layer.gate_up(self._rms_norm(x, layer.post_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up) * self.residual_multiplier
-        return (self._rms_norm(x, self.norm) @ self.lm_head) / self.logits_scaling
+        return self.lm_head(self._rms_norm(x, self.norm)) / self.logits_scaling
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Granite's RMSNorm: in float32, then back to the weights' dtype before the scale.

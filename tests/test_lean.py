@@ -11,12 +11,15 @@ from minicpm_server.engine.native.blocks import BlockPool, blocks_for
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.compiled import DecodeForward
 from minicpm_server.engine.native.lean import LeanDecoder
-from minicpm_server.engine.native.packed import PackedLinear, packing_available
+from minicpm_server.engine.native.packed import MIN_HIDDEN_SIZE, PackedLinear, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.model.checkpoint import load_checkpoint
 from tests.test_engine import PROMPTS, greedy, result, run, submit
 
 BLOCK = 16
+needs_packing = pytest.mark.skipif(
+    not packing_available(), reason="this torch build has no oneDNN packed linear operators"
+)
 
 
 def decoder_pair(path, dtype: str):
@@ -101,7 +104,7 @@ def test_relayout_shares_storage_and_keeps_transformers_forward(tiny_dir) -> Non
     assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear operators")
+@needs_packing
 def test_packed_layers_replace_the_weights_and_keep_transformers_forward(tiny_dir) -> None:
     model = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
     ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
@@ -153,21 +156,34 @@ def test_unsupported_configs_decode_through_transformers(tiny_dir) -> None:
     assert not LeanDecoder.supports(model)
 
 
-def test_engine_answers_equal_with_and_without_lean(tiny_dir) -> None:
-    """Greedy answers through the whole engine, alone and batched, are the same either way."""
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_packing)])
+def test_engine_answers_equal_with_and_without_lean(tiny_dir, packed: bool) -> None:
+    """Greedy answers through the whole engine, alone and batched, are the same either way
+    (packed: the lean step on oneDNN-packed layers, which the prefill then also runs on)."""
 
     def answers(lean: bool):
         loaded = load_checkpoint(tiny_dir, device="cpu", dtype="float32")
 
         async def body(engine):
+            if lean:  # the tiny model is too narrow to be packed by default
+                engine._decode.lean = LeanDecoder(loaded.model, engine._cache, engine.block_size, pack_weights=packed)
             alone = [(await result(submit(engine, loaded, p, greedy(24)))).text for p in PROMPTS]
             together = await asyncio.gather(*(result(submit(engine, loaded, p, greedy(24))) for p in PROMPTS))
-            return alone, [c.text for c in together], engine._decode.lean is not None
+            decoder = engine._decode.lean
+            return alone, [c.text for c in together], decoder is not None and decoder.packed == packed
 
         return run(loaded, body, lean=lean)
 
-    plain_alone, plain_together, used_lean = answers(False)
-    assert not used_lean
-    alone, together, used_lean = answers(True)
-    assert used_lean
+    plain_alone, plain_together, _ = answers(False)
+    alone, together, as_asked = answers(True)
+    assert as_asked
     assert alone == plain_alone and together == plain_together
+
+
+def test_packing_is_chosen_by_width(tiny_dir) -> None:
+    """Narrow models (per-call overhead dominates) stay unpacked; wide ones are packed on CPU."""
+    model = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    shape = KvShape.of(model)
+    cache = PagedKVCache(shape.num_layers, 64 * BLOCK + 1, shape.kv_heads, shape.head_dim, shape.dtype, model.device)
+    assert model.config.hidden_size < MIN_HIDDEN_SIZE
+    assert not LeanDecoder(model, cache, BLOCK).packed

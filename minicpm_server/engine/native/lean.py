@@ -38,7 +38,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minicpm_server.engine.native.packed import PackedLinear, PackedProjection, pack, packing_available
+from minicpm_server.engine.native.packed import (
+    MIN_HIDDEN_SIZE,
+    PackedLinear,
+    PackedProjection,
+    pack,
+    packing_available,
+)
 from minicpm_server.engine.native.paged import BlockDecodeLayout, PagedKVCache
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
@@ -87,7 +93,8 @@ class LeanDecoder:
     Building one re-lays out the model's weights in place (see the module docstring)."""
 
     def __init__(self, model: Any, cache: PagedKVCache, block_size: int, *, pack_weights: bool | None = None) -> None:
-        """`pack_weights`: oneDNN-packed layers (packed.py); by default on CPU where available."""
+        """`pack_weights`: oneDNN-packed layers (packed.py); by default on CPU where available,
+        for models at least MIN_HIDDEN_SIZE wide."""
         config = model.config
         self.cache = cache
         self.block_size = block_size
@@ -102,7 +109,7 @@ class LeanDecoder:
         inner = model.model
         on_cpu = inner.embed_tokens.weight.device.type == "cpu"
         if pack_weights is None:
-            pack_weights = on_cpu and packing_available()
+            pack_weights = on_cpu and config.hidden_size >= MIN_HIDDEN_SIZE and packing_available()
 
         def right(modules: list[torch.nn.Linear]) -> torch.Tensor:
             wide = sum(m.out_features for m in modules) > modules[0].in_features

@@ -1,5 +1,6 @@
-"""Per-step time of the decode forward pass three ways, on the same checkpoint in the same run:
-transformers' forward ("transformers", eager), our lean decoder ("lean", the default), and the
+"""Per-step time of the decode forward pass several ways, on the same checkpoint in the same run:
+transformers' forward ("transformers", eager), our lean decoder on plain weights ("lean") and on
+oneDNN-packed ones ("lean+packed"; the default on CPU for models at least 512 wide), and the
 compiled step ("compiled", --compile).
 
     python -m bench.decode_step                  # the `deep` checkpoint: 40 layers (MiniCPM-2B's depth), tiny width
@@ -8,7 +9,7 @@ compiled step ("compiled", --compile).
 
 For each batch size, rows with `--context` tokens already in the cache take `--steps` decode
 steps; the first compiled steps of each shape (compilation) are timed apart and left out.
-The three alternate in rounds, so machine noise hits them alike. Ratios are against
+They alternate in rounds, so machine noise hits them alike. Ratios are against
 transformers' forward.
 """
 
@@ -25,6 +26,7 @@ import torch
 from minicpm_server.engine.native.blocks import BlockPool, blocks_for
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.compiled import DecodeForward
+from minicpm_server.engine.native.packed import packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.tiny import cached_tiny_checkpoint
@@ -45,7 +47,9 @@ def main() -> None:
     loaded = load_checkpoint(checkpoint, device=args.device, dtype="auto")
     model, window, block = loaded.model, loaded.context_window, 16
     batches = [int(b) for b in args.batches.split(",")]
-    kinds = {"transformers": {"lean": False}, "lean": {"lean": True}}
+    kinds: dict[str, dict] = {"transformers": {"lean": False}, "lean": {"lean": True, "pack_weights": False}}
+    if packing_available():
+        kinds["lean+packed"] = {"lean": True, "pack_weights": True}
     if not args.no_compile:
         kinds["compiled"] = {"compile": True}
     shape = KvShape.of(model)

@@ -69,6 +69,7 @@ class DecodeForward:
         context_window: int,
         compile: bool,
         lean: bool = True,
+        pack_weights: bool | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -80,7 +81,7 @@ class DecodeForward:
         self._cache_kwarg = cache_argument_name(model)
         self._shapes: set[tuple[int, int]] = set()
         # Compiling traces transformers' forward, whose layers must then stay plain nn.Linear.
-        packing = False if compile else None
+        packing = False if compile else pack_weights
         self.lean = (
             LeanDecoder(model, cache, block_size, pack_weights=packing)
             if lean and LeanDecoder.supports(model)

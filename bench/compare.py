@@ -135,8 +135,10 @@ def main() -> None:
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minicpm-server"
-    model = Path(args.model_path) if args.model_path else cached_tiny_checkpoint(
-        cache, args.size, seed=0, tokenizer_from=args.tokenizer_from
+    model = (
+        Path(args.model_path)
+        if args.model_path
+        else cached_tiny_checkpoint(cache, args.size, seed=0, tokenizer_from=args.tokenizer_from)
     )
     print(f"checkpoint {model}, {args.new_tokens} new tokens per request, device {args.device}", flush=True)
     results = {}

@@ -76,8 +76,12 @@ def main() -> None:
         ours_enc, ours_dec = measure(ours, ids)
         before_enc, before_dec = measure(before, ids)
     print(f"text: {len(TEXT)} characters, {len(ids)} tokens")
-    print(f"encode  tokens/s: sentencepiece {ours_enc:,.0f}  transformers {before_enc:,.0f}  ratio {ours_enc / before_enc:.2f}x")
-    print(f"stream  tokens/s: sentencepiece {ours_dec:,.0f}  transformers {before_dec:,.0f}  ratio {ours_dec / before_dec:.2f}x")
+    print(
+        f"encode  tokens/s: sentencepiece {ours_enc:,.0f}  transformers {before_enc:,.0f}  ratio {ours_enc / before_enc:.2f}x"
+    )
+    print(
+        f"stream  tokens/s: sentencepiece {ours_dec:,.0f}  transformers {before_dec:,.0f}  ratio {ours_dec / before_dec:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def real_tokenizer() -> Path:
 @pytest.fixture(scope="session")
 def real_dir(tmp_path_factory: pytest.TempPathFactory, real_tokenizer: Path) -> Path:
     """A tiny model on MiniCPM-2B's real tokenizer (122,753 pieces), with a lossy tokenizer.json beside it."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "MiniCPM-real-tok", "tiny", seed=3, tokenizer_from=real_tokenizer)
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "MiniCPM-real-tok", "tiny", seed=3, tokenizer_from=real_tokenizer
+    )
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +155,9 @@ class ServerProcess:
         is written just after its answer is sent, so a test that has its answer may be early."""
         deadline = time.monotonic() + timeout
         while len(found := [line for line in self.log().splitlines() if needle in line]) < at_least:
-            assert time.monotonic() < deadline, f"fewer than {at_least} log lines with {needle!r}:\n{self.log()[-2000:]}"
+            assert time.monotonic() < deadline, (
+                f"fewer than {at_least} log lines with {needle!r}:\n{self.log()[-2000:]}"
+            )
             time.sleep(0.05)
         return found
 

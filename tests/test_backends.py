@@ -75,7 +75,9 @@ def answers(server: ServerProcess) -> list[tuple]:
         out.append((done["choices"][0]["text"], done["choices"][0]["finish_reason"], done["usage"]))
         said = chat(server, prompt).json()
         out.append((said["choices"][0]["message"]["content"], said["choices"][0]["finish_reason"], said["usage"]))
-        legacy = requests.post(server.url + "/", json={"prompt": prompt, "history": [], "max_length": 120, "temperature": 0})
+        legacy = requests.post(
+            server.url + "/", json={"prompt": prompt, "history": [], "max_length": 120, "temperature": 0}
+        )
         out.append((legacy.json()["response"], legacy.json()["status"]))
     return out
 
@@ -149,7 +151,9 @@ def test_tutorial_contract(backend) -> None:
 
 def test_seeded_sampling_repeats(backend) -> None:
     def sampled(seed: int) -> str:
-        return complete(backend, "once upon a time", temperature=1.0, top_p=1.0, seed=seed, max_tokens=24)["choices"][0]["text"]
+        return complete(backend, "once upon a time", temperature=1.0, top_p=1.0, seed=seed, max_tokens=24)["choices"][
+            0
+        ]["text"]
 
     assert sampled(7) == sampled(7)
     assert len({sampled(7), sampled(8), sampled(9)}) > 1
@@ -164,9 +168,7 @@ def test_openai_sdk(backend) -> None:
 
 
 def test_context_overflow_is_a_400(backend) -> None:
-    too_long = requests.post(
-        backend.url + "/v1/completions", json={"prompt": "x", "max_tokens": 70000}, timeout=60
-    )
+    too_long = requests.post(backend.url + "/v1/completions", json={"prompt": "x", "max_tokens": 70000}, timeout=60)
     assert too_long.status_code == 400
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
 

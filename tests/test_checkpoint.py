@@ -159,7 +159,16 @@ def test_port_in_use_is_one_line_and_exit_1(tiny_dir: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, str(REPO / "api.py"), "--model-path", str(tiny_dir), "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                str(REPO / "api.py"),
+                "--model-path",
+                str(tiny_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
             capture_output=True,
             text=True,
             timeout=120,

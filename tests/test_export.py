@@ -106,7 +106,16 @@ def test_backend_choice() -> None:
 @pytest.mark.skipif(vllm_installed(), reason="checks the message for a machine without vLLM")
 def test_engine_vllm_without_vllm_is_one_line_and_exit_2(tiny_dir: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(REPO / "api.py"), "--model-path", str(tiny_dir), "--engine", "vllm", "--port", str(free_port())],
+        [
+            sys.executable,
+            str(REPO / "api.py"),
+            "--model-path",
+            str(tiny_dir),
+            "--engine",
+            "vllm",
+            "--port",
+            str(free_port()),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

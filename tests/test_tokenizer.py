@@ -31,7 +31,7 @@ CORPUS = [
     # code with indentation
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
     "```python\nfor i in range(10):\n\tprint(i)\n```",
-    "int main() {\n  printf(\"%d\\n\", 42);\n  return 0;\n}",
+    'int main() {\n  printf("%d\\n", 42);\n  return 0;\n}',
     "SELECT name, COUNT(*) FROM users WHERE age >= 18 GROUP BY name;",
     # runs of spaces and newlines, \r\n, tabs
     "a  b   c    d",
@@ -135,7 +135,9 @@ def _cached(path: Path) -> tuple:
 
 def test_chat_template_with_history_encodes_as_sentencepiece(ours, sp) -> None:
     text = chat.render_chat(ours, chat.conversation("山东省最高的山是哪座？", HISTORY))
-    expected = "你是一个乐于助人的助手。<用户>你好<AI>你好！有什么可以帮你？\n\n- 问答\n- 写作<用户>山东省最高的山是哪座？<AI>"
+    expected = (
+        "你是一个乐于助人的助手。<用户>你好<AI>你好！有什么可以帮你？\n\n- 问答\n- 写作<用户>山东省最高的山是哪座？<AI>"
+    )
     assert text == expected
     assert chat.encode_prompt(ours, text) == [1, *sp.encode(expected)]
 

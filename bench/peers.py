@@ -542,6 +542,26 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     print(
         f"\nmedians over rounds (measured: {rounds}); ratios above 1 favour ours for tok/s, below 1 for TTFT and memory"
     )
+    report_targets(table)
+
+
+# The native engine's throughput targets: (peer, clients, least ours/peer in tok/s).
+TARGETS = (("vllm", 16, 1.1), ("vllm", 32, 1.1), ("llama", 1, 0.8))
+
+
+def report_targets(table: dict[str, dict[str, float]]) -> None:
+    lines = []
+    for peer, clients, goal in TARGETS if "ours" in table else ():
+        for mode in ("fixed", "unique"):
+            metric = f"tok/s {mode} c={clients}"
+            if peer in table and metric in table["ours"] and metric in table[peer]:
+                ratio = table["ours"][metric] / table[peer][metric]
+                verdict = "met" if ratio >= goal else "missed"
+                lines.append(
+                    f"  ours/{LABELS[peer]} {mode} c={clients}: {ratio:.2f} (target at least {goal}: {verdict})"
+                )
+    if lines:
+        print("\ntargets:\n" + "\n".join(lines))
 
 
 def main() -> None:

@@ -23,24 +23,9 @@ from minicpm_server.engine.native.engine import NativeEngine
 from minicpm_server.engine.protocol import Finished, GenerationRequest, SamplingParams
 from minicpm_server.model import chat
 from minicpm_server.model.checkpoint import load_checkpoint
-from minicpm_server.model.tiny import cached_tiny_checkpoint
+from minicpm_server.model.tiny import COMMON_WORDS, cached_tiny_checkpoint
 
-WORDS = [
-    "the",
-    "model",
-    "answers",
-    "what",
-    "is",
-    "mountain",
-    "river",
-    "city",
-    "how",
-    "are",
-    "you",
-    "hello",
-    "world",
-    "code",
-]
+WORDS = COMMON_WORDS
 
 
 def question(turn: int, words: int) -> str:

@@ -36,6 +36,11 @@ EXECUTED_MARKER = "REMOTE_CODE_WAS_EXECUTED"
 TOKENIZER_GENERATION = "-tok2"
 
 
+# English words the tokenizer is trained on (tests and benchmarks build prompts from them).
+COMMON_WORDS = ["the", "model", "answers", "what", "is", "mountain", "river", "city", "how", "are"]
+COMMON_WORDS += ["you", "hello", "world", "code"]
+
+
 @dataclass(frozen=True)
 class TinySize:
     hidden_size: int
@@ -151,22 +156,7 @@ def _synthetic_corpus(seed: int, lines: int = 4000) -> list[str]:
     ]
     vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
     words = ["".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
-    words += [
-        "the",
-        "model",
-        "answers",
-        "what",
-        "is",
-        "mountain",
-        "river",
-        "city",
-        "how",
-        "are",
-        "you",
-        "hello",
-        "world",
-        "code",
-    ]
+    words += COMMON_WORDS
     han = [chr(c) for c in range(0x4E00, 0x4E00 + 1500)] + list("用户你好山东省最高的是哪座它比黄还矮差距多少")
     punct = ["，", "。", "？", ", ", ". ", "? ", "\n"]
 

@@ -63,9 +63,10 @@ def main() -> None:
         t.normal_(0, 1)  # stands in for a prompt's keys and values
     cache.zero_null_block(block)
     runners = {
-        # Each its own copy of the model: the lean step packs the layers of the model it runs.
+        # Each lean or compiled step its own copy of the model: the lean step re-lays out (and may
+        # pack) the layers of the model it runs; transformers' forward leaves its copy as loaded.
         name: DecodeForward(
-            load_checkpoint(checkpoint, device=args.device, dtype="auto").model,
+            model if name == "transformers" else load_checkpoint(checkpoint, device=args.device, dtype="auto").model,
             cache,
             block_size=block,
             scratch_slot=blocks * block,

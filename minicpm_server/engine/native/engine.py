@@ -19,7 +19,7 @@ penalty per request (the tutorial's defaults need one). So the engine drives the
   resends that history, finds those blocks, and prefills only what is new.
 * The decode step's forward pass is our own (lean.py): the model's math over its own weights,
   fused and laid out for one token per row, reading the paged KV by whole blocks; it was
-  1.6-2x faster per step than transformers' forward on the CPU benchmark model. Prefill runs
+  1.5-2.3x faster per step than transformers' forward on the CPU benchmark model. Prefill runs
   transformers' forward. With --compile the decode step is compiled instead (compiled.py):
   static shapes by batch-size and key-length buckets, lean whenever compiling fails.
 * Sampling is per row (sampling.py): temperature, top-k, top-p, repetition penalty, greedy, and

@@ -159,11 +159,12 @@ class PagedKVCache(Cache):
         layout = self.layout
         assert layout is not None, "PagedKVCache.layout is set by the engine before each forward pass"
         batch, heads, queries, dim = key_states.shape
-        for pool, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
-            flat = new.transpose(1, 2).reshape(batch * queries, heads, dim)
-            if not layout.all_rows_write:
-                flat = flat.index_select(0, layout.write_rows)
-            pool.index_copy_(0, layout.write_slots, flat)
+
+        def tokens(states: torch.Tensor) -> torch.Tensor:  # [N, heads, dim]: the real tokens only
+            flat = states.transpose(1, 2).reshape(batch * queries, heads, dim)
+            return flat if layout.all_rows_write else flat.index_select(0, layout.write_rows)
+
+        self.write(layer_idx, layout.write_slots, tokens(key_states), tokens(value_states))
         width = layout.read_slots.shape[1]
         index = layout.read_slots.reshape(-1)
 

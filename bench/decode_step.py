@@ -25,9 +25,9 @@ import torch
 
 from minicpm_server.engine.native.blocks import BlockPool, blocks_for
 from minicpm_server.engine.native.budget import KvShape
-from minicpm_server.engine.native.compiled import DecodeForward
 from minicpm_server.engine.native.packed import packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
+from minicpm_server.engine.native.runner import DecodeForward
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.tiny import cached_tiny_checkpoint
 

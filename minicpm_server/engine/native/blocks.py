@@ -122,15 +122,6 @@ class BlockPool:
                 self._block_of[digest] = block
                 self._digest_of[block] = digest
 
-    def clear_cache(self) -> None:
-        """Forget every cached prefix (after a failed step, whose KV may be partly written)."""
-        for block in list(self._idle):
-            self._unindex(block)
-            self._free.append(block)
-        self._idle.clear()
-        for block in list(self._digest_of):
-            self._unindex(block)
-
     # ----------------------------------------------------------------- internals
 
     def _match(self, prompt: Sequence[int]) -> list[int]:

@@ -177,6 +177,29 @@ class PagedKVCache(Cache):
         return 0 if self.layout is None else int(self.layout.read_slots.shape[1])
 
 
+class PagedForward:
+    """transformers' forward over the paged cache: the one place the model's own forward is called
+    (every prefill, and the decode step when neither the lean nor the compiled step runs)."""
+
+    def __init__(self, model: Any, cache: PagedKVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self._cache_kwarg = cache_argument_name(model)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout, **kwargs: Any) -> Any:
+        """The model's output for `ids` [B, Q] at `positions` [B, Q]; `layout` says where each
+        token's keys and values go and which slots each query reads."""
+        self.cache.layout = layout
+        return self.model(
+            input_ids=ids,
+            attention_mask=layout.mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: self.cache},
+            **kwargs,
+        )
+
+
 def cache_argument_name(model: Any) -> str:
     """transformers 5 renamed forward's `past_key_values` to `cache` part-way through the 5.x
     releases (5.19 has the old name, 5.24 the new), and an unknown keyword is silently swallowed,

@@ -16,9 +16,21 @@ T = TypeVar("T", bound="RowState")
 
 
 class RowState:
-    def select(self: T, rows: torch.Tensor, keep: list[int]) -> T:
-        """The rows numbered `keep` (`rows` is the same as a tensor on the model's device)."""
+    def select(self: T, keep: list[int]) -> T:
+        """The rows numbered `keep`, in that order."""
+        return self._select(torch.tensor(keep, device=self._device()), keep)
+
+    def _select(self: T, rows: torch.Tensor, keep: list[int]) -> T:
         return replace(self, **{f.name: _take(getattr(self, f.name), rows, keep) for f in fields(self)})  # type: ignore[arg-type]
+
+    def _device(self) -> torch.device:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                return value.device
+            if isinstance(value, RowState):
+                return value._device()
+        return torch.device("cpu")
 
     @classmethod
     def concat(cls: type[T], a: T, b: T) -> T:
@@ -31,7 +43,7 @@ def _take(value: Any, rows: torch.Tensor, keep: list[int]) -> Any:
         return value[rows]
     if isinstance(value, list):
         return [value[i] for i in keep]
-    return value.select(rows, keep)
+    return value._select(rows, keep)
 
 
 def _join(a: Any, b: Any) -> Any:

@@ -22,16 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minicpm_server.engine.handle import Event, Failed, QueueHandle, emit_all
+from minicpm_server.engine.base import EngineBase, describe_failure
+from minicpm_server.engine.handle import Event, Failed, QueueHandle
 from minicpm_server.engine.output import TokenOutput
 from minicpm_server.engine.protocol import (
     EngineError,
     EngineStats,
     EngineUnavailableError,
-    FaultKind,
-    Finished,
     GenerationRequest,
-    QueueFullError,
     SamplingParams,
     check_fits,
 )
@@ -97,7 +95,7 @@ def configure_cpu_environment(options: VllmOptions) -> None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(options.kv_cache_gb)))
 
 
-class VllmEngine:
+class VllmEngine(EngineBase):
     """Implements engine.protocol.Engine over vLLM's AsyncLLM (see the module docstring)."""
 
     name = "vllm"
@@ -111,14 +109,12 @@ class VllmEngine:
         eos_token_id: int,
         max_queue: int = 256,
     ) -> None:
+        super().__init__(max_batch=options.max_num_seqs, max_queue=max_queue)
         self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.options = options
         self.context_window = options.max_model_len
         self.eos_token_id = eos_token_id
-        self.max_batch = options.max_num_seqs
-        self.max_queue = max_queue
-        self._counters = EngineStats()
         self._lock = threading.Lock()
         self._in_flight: dict[int, QueueHandle] = {}
         self._started: set[int] = set()  # requests whose first token has arrived
@@ -130,7 +126,6 @@ class VllmEngine:
         self._start_error: BaseException | None = None
         self._stopping = False
         self._dead = False
-        self._pending_fault: Exception | None = None
 
     # ----------------------------------------------------------------- public, any thread
 
@@ -142,8 +137,7 @@ class VllmEngine:
     def stats(self) -> EngineStats:
         with self._lock:
             in_flight, running = len(self._in_flight), len(self._started)
-        c = self._counters
-        return EngineStats(running, in_flight - running, c.failures, c.cache_releases, dict(c.finished))
+        return self.snapshot(running, in_flight - running)
 
     def start(self) -> None:
         """Start vLLM on its own thread and wait until it can take requests (minutes on a first run)."""
@@ -160,9 +154,8 @@ class VllmEngine:
         check_fits(request, self.context_window)
         handle = QueueHandle(request, on_cancel=self._on_cancel)
         with self._lock:
-            waiting = len(self._in_flight) - len(self._started)
-            if len(self._in_flight) >= self.max_batch and waiting >= self.max_queue:
-                raise QueueFullError(f"{waiting} requests are already waiting (--max-queue {self.max_queue})")
+            # vLLM schedules its own rows: what cannot have one yet is what is past --max-batch.
+            self.check_queue(max(0, len(self._in_flight) - self.max_batch))
             self._in_flight[handle.id] = handle
         self._loop.call_soon_threadsafe(self._start_request, handle)
         return handle
@@ -176,13 +169,9 @@ class VllmEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def inject_fault(self, kind: FaultKind) -> None:
-        """ "oom": the next request fails as if CUDA ran out of memory; "fatal": vLLM is shut down."""
-        if kind == "oom":
-            self._pending_fault = EngineError(
-                "the GPU ran out of memory while generating; retry, or send shorter or fewer requests"
-            )
-        elif self._loop is not None:
+    def kill_for_test(self) -> None:
+        """vLLM is shut down under its requests."""
+        if self._loop is not None:
             self._loop.call_soon_threadsafe(self._kill)
 
     # ----------------------------------------------------------------- vLLM's thread and loop
@@ -264,7 +253,7 @@ class VllmEngine:
         try:
             if handle.cancelled:
                 raise asyncio.CancelledError
-            self._raise_injected_fault()
+            self.raise_injected_fault()
             await self._stream_tokens(handle, output)
             if not output.done:  # vLLM stopped first (it only knows the same limits): say why honestly
                 self._emit(handle, output.end("length"))
@@ -299,36 +288,26 @@ class VllmEngine:
                 if output.done:
                     return
 
-    def _raise_injected_fault(self) -> None:
-        fault, self._pending_fault = self._pending_fault, None
-        if fault is not None:
-            raise fault
-
     def _describe(self, exc: Exception) -> Exception:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(exc, EngineDeadError) or self._dead:
             self._dead = True
             return EngineUnavailableError("the generation engine stopped; retry later")
-        if "out of memory" in str(exc).lower():
-            return EngineError("the GPU ran out of memory while generating; retry, or send shorter or fewer requests")
-        return EngineError(f"generation failed inside the engine ({type(exc).__name__}); retry the request")
+        return EngineError(describe_failure(exc))
 
     def _fail(self, handle: QueueHandle, error: Exception) -> None:
         if isinstance(error, EngineError):
-            self._counters.failures += 1
+            self.counters.failures += 1
         log.error("generation failed: %s", one_line(error))
-        emit_all([(handle, Failed(error))])
+        self.emit([(handle, Failed(error))])
 
     def _fail_everything(self, error: Exception) -> None:
         with self._lock:
             handles = list(self._in_flight.values())
             self._in_flight.clear()
             self._started.clear()
-        emit_all([(h, Failed(error)) for h in handles])
+        self.emit([(h, Failed(error)) for h in handles])
 
     def _emit(self, handle: QueueHandle, events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, Finished):
-                self._counters.finished[event.reason] += 1
-        emit_all([(handle, e) for e in events])
+        self.emit([(handle, e) for e in events])

@@ -1,0 +1,217 @@
+"""The model runner: prefill and decode over the paged KV pool, and sampling; it knows tensors,
+not queues or requests' lifetimes (scheduler.py decides who runs, engine.py drives both).
+
+* `Batch` is the running rows' state on the model's device, one entry per row in every field
+  (rows.py joins and selects them without naming the fields).
+* `ModelRunner.prefill` computes the newcomers' uncached prompt tokens together and returns their
+  joining rows with the logits of each row's last prompt token.
+* `ModelRunner.decode` runs one decode step for every row through `DecodeForward`, the one
+  wrapper of the three ways a step can run: compiled (compiled.py, with --compile), lean (lean.py,
+  our own forward over the model's weights), or transformers' forward (`PagedForward`, which
+  every prefill also runs). A compiled step that fails falls back to lean, once, for good.
+* `ModelRunner.sample` draws each row's next token (sampling.py) and `record` notes it in the
+  rows' penalty state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from minicpm_server.engine.native.blocks import NULL_BLOCK, blocks_for
+from minicpm_server.engine.native.compiled import CompiledDecode
+from minicpm_server.engine.native.lean import LeanDecoder
+from minicpm_server.engine.native.paged import (
+    PagedForward,
+    PagedKVCache,
+    block_decode_layout,
+    decode_layout,
+    prefill_layout,
+)
+from minicpm_server.engine.native.rows import RowState
+from minicpm_server.engine.native.sampling import BatchSampling, sample_next_tokens
+
+if TYPE_CHECKING:
+    from minicpm_server.engine.native.scheduler import Sequence
+
+log = logging.getLogger("minicpm_server.engine.native.runner")
+
+
+@dataclass
+class Batch(RowState):
+    """The running sequences; every field holds one entry per row."""
+
+    seqs: list[Sequence]
+    last: torch.Tensor  # [B] long, the token fed into the next step
+    lengths: torch.Tensor  # [B] long, tokens in the cache: the position id of `last`
+    table: torch.Tensor  # [B, W] long, block ids (padded with the null block)
+    seen: torch.Tensor  # [B, V] bool, tokens in each context (repetition penalty)
+    counts: torch.Tensor  # [B, V] int32, times each token was generated (presence/frequency penalties)
+    sampling: BatchSampling
+
+
+class DecodeForward:
+    """`logits = step(last, lengths, table, width)`: one decode step's forward pass, compiled,
+    lean or transformers' (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        *,
+        block_size: int,
+        scratch_slot: int,
+        max_batch: int,
+        context_window: int,
+        compile: bool,
+        lean: bool = True,
+        pack_weights: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.block_size = block_size
+        self.forward = PagedForward(model, cache)
+        # Compiling traces transformers' forward, whose layers must then stay plain nn.Linear.
+        packing = False if compile else pack_weights
+        self.lean = (
+            LeanDecoder(model, cache, block_size, pack_weights=packing)
+            if lean and LeanDecoder.supports(model)
+            else None
+        )
+        self.compiled: Any = None
+        if compile:
+            self.compiled = CompiledDecode(
+                self.forward,
+                block_size=block_size,
+                scratch_slot=scratch_slot,
+                max_batch=max_batch,
+                context_window=context_window,
+            )
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compiled is not None
+
+    def __call__(self, last: torch.Tensor, lengths: torch.Tensor, table: torch.Tensor, width: int) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(last, lengths, table, width)
+            except Exception as exc:  # compilation is an optimisation: fall back, once, for good
+                fallback = "the lean step" if self.lean is not None else "transformers' forward"
+                log.warning(
+                    "compiled decode step failed (%s: %s); decoding with %s from now on",
+                    type(exc).__name__,
+                    exc,
+                    fallback,
+                )
+                self.compiled = None
+        if self.lean is not None:
+            return self.lean(last, lengths, block_decode_layout(table, lengths, width, self.block_size))
+        layout = decode_layout(table, lengths, width, self.block_size)
+        return self.forward(last[:, None], lengths[:, None], layout).logits[:, -1]
+
+
+class ModelRunner:
+    """Runs the model for the engine thread: prefill, decode and sampling over one KV pool."""
+
+    def __init__(
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        *,
+        block_size: int,
+        scratch_slot: int,
+        max_batch: int,
+        context_window: int,
+        compile: bool = False,
+        lean: bool = True,
+        seed: int | None = 0,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.device: torch.device = next(model.parameters()).device
+        self.vocab_size = int(model.config.vocab_size)
+        self.block_size = block_size
+        self.table_width = blocks_for(context_window, block_size)
+        self.decode = DecodeForward(
+            model,
+            cache,
+            block_size=block_size,
+            scratch_slot=scratch_slot,
+            max_batch=max_batch,
+            context_window=context_window,
+            compile=compile,
+            lean=lean,
+        )
+        self.forward = self.decode.forward  # transformers' forward over the cache: every prefill runs it
+        self.shared_generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self.shared_generator.manual_seed(seed)
+
+    # ----------------------------------------------------------------- prefill
+
+    def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor]:
+        """Compute each sequence's uncached prompt tokens (all rows in one left-padded pass) and
+        return their rows with the logits [B, V] of each row's last prompt token."""
+        prompts = [seq.tokens for seq in seqs]
+        fresh = [block for seq in seqs for block in seq.table[seq.computed // self.block_size :]]
+        self.cache.zero_blocks(fresh, self.block_size)
+        cached = torch.tensor([seq.computed for seq in seqs], device=self.device)
+        new = torch.tensor([len(p) - seq.computed for p, seq in zip(prompts, seqs, strict=True)], device=self.device)
+        width = int(new.max())
+        ids = torch.tensor(
+            [[0] * (width - len(p) + seq.computed) + p[seq.computed :] for p, seq in zip(prompts, seqs, strict=True)],
+            device=self.device,
+        )
+        table = self._table([seq.table for seq in seqs])
+        layout = prefill_layout(table, cached, new, self.block_size)
+        offsets = torch.arange(width, device=self.device)[None, :] - (width - new)[:, None]
+        out = self.forward(ids, (cached[:, None] + offsets).clamp(min=0), layout, logits_to_keep=1)
+        seen = torch.zeros(len(prompts), self.vocab_size, dtype=torch.bool, device=self.device)
+        for row, prompt in enumerate(prompts):
+            seen[row, prompt] = True
+        generators = [self._request_generator(seq.handle.params.seed) for seq in seqs]
+        joining = Batch(
+            seqs=seqs,
+            last=ids[:, -1],
+            lengths=torch.tensor([len(p) for p in prompts], device=self.device),
+            table=table,
+            seen=seen,
+            counts=torch.zeros(len(prompts), self.vocab_size, dtype=torch.int32, device=self.device),
+            sampling=BatchSampling.build([seq.handle.params for seq in seqs], generators, self.device),
+        )
+        return joining, out.logits[:, -1]
+
+    def _table(self, tables: list[list[int]]) -> torch.Tensor:
+        rows = [t + [NULL_BLOCK] * (self.table_width - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _request_generator(self, seed: int | None) -> torch.Generator | None:
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+
+    # ----------------------------------------------------------------- decode and sample
+
+    def decode_step(self, batch: Batch) -> torch.Tensor:
+        """One new token's logits [B, V] for every row; the rows' `last` tokens enter the cache."""
+        width = max(seq.computed for seq in batch.seqs) + 1
+        logits = self.decode(batch.last, batch.lengths, batch.table, width)
+        batch.lengths = batch.lengths + 1
+        return logits
+
+    def sample(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Each row's next token from its logits, with its own sampling parameters."""
+        return sample_next_tokens(logits.float(), batch.seen, batch.sampling, self.shared_generator, batch.counts)
+
+    def record(self, batch: Batch, tokens: torch.Tensor) -> None:
+        """The sampled tokens become the next step's input and count in each row's penalties."""
+        batch.last = tokens
+        every_row = torch.arange(len(tokens), device=self.device)
+        batch.seen[every_row, tokens] = True
+        batch.counts[every_row, tokens] += 1
+
+    def release_cached_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

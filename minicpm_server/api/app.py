@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from minicpm_server.api import generation
-from minicpm_server.api.errors import APIError, install_error_handlers
+from minicpm_server.api.errors import APIError, endpoints_of, install_error_handlers
 from minicpm_server.api.metrics import Metrics
 from minicpm_server.api.middleware import BodyLimitMiddleware, LegacyJsonBodyMiddleware, RequestLogMiddleware
 from minicpm_server.api.protocol import (
@@ -41,8 +41,10 @@ from minicpm_server.api.protocol import (
 from minicpm_server.api.responses import ChatFormat, CompletionFormat, LegacyFormat, OpenAIFormat
 from minicpm_server.api.service import ModelService
 from minicpm_server.engine.protocol import DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from minicpm_server.model.checkpoint import Preflight
 from minicpm_server.settings import Settings
+
+if TYPE_CHECKING:
+    from minicpm_server.model.checkpoint import Preflight
 
 # Headers that keep proxies (nginx, AutoDL's port mapping) from buffering a stream.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -78,7 +80,7 @@ def _service(request: Request) -> ModelService:
 
 
 def legacy_routes() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(tags=["tutorial"])
 
     @router.post(
         "/",
@@ -250,7 +252,9 @@ def create_app(
     app.include_router(health_routes())
     app.include_router(ui_routes())
     app.mount("/ui", StaticFiles(directory=STATIC_DIR), name="ui")
-    app.include_router(legacy_routes(), dependencies=guarded)
+    tutorial = legacy_routes()
+    app.state.tutorial_endpoints = endpoints_of(tutorial)  # their errors carry the tutorial's keys (errors.py)
+    app.include_router(tutorial, dependencies=guarded)
     app.include_router(openai_routes(), dependencies=guarded)
     app.include_router(metrics_routes(), dependencies=guarded)
     if settings.testing_fault_injection:

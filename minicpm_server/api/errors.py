@@ -15,10 +15,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
-from minicpm_server.api.protocol import ChatCompletionRequest, CompletionRequest, InvalidRequest, LegacyChatRequest
+from minicpm_server.api.protocol import UNSUPPORTED, InvalidRequest
 from minicpm_server.engine.protocol import ContextOverflowError, EngineError, EngineUnavailableError, QueueFullError
 
 log = logging.getLogger("minicpm_server")
@@ -34,13 +35,6 @@ _TYPES = {
     500: "server_error",
     503: "service_unavailable",
     504: "timeout_error",
-}
-
-
-BODY_MODELS = {
-    "/": LegacyChatRequest,
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
 }
 
 
@@ -82,8 +76,27 @@ def error_response(error: APIError, scope: Scope | None = None) -> JSONResponse:
 
 
 def is_legacy_chat(scope: Scope) -> bool:
-    """The tutorial's endpoint: POST /."""
-    return scope.get("type") == "http" and scope.get("method") == "POST" and scope.get("path") == "/"
+    """A route of the tutorial's (POST /). Middlewares run before routing, so this looks the
+    method and path up in what create_app recorded from the tutorial's router."""
+    app = scope.get("app")
+    if scope.get("type") != "http" or app is None:
+        return False
+    found = getattr(app.state, "tutorial_endpoints", frozenset())
+    return (scope.get("method"), scope.get("path")) in found
+
+
+def endpoints_of(router: Any) -> frozenset[tuple[str, str]]:
+    """(method, path) of every route a router declares."""
+    return frozenset(
+        (method, route.path) for route in router.routes for method in getattr(route, "methods", None) or ()
+    )
+
+
+def body_model(scope: Scope) -> type[BaseModel] | None:
+    """The pydantic model of the matched route's JSON body, if it has one."""
+    field = getattr(scope.get("route"), "body_field", None)
+    annotation = getattr(getattr(field, "field_info", None), "annotation", None)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def as_api_error(exc: Exception) -> APIError | None:
@@ -121,6 +134,9 @@ def describe_validation_error(exc: RequestValidationError, request: Request) -> 
         return APIError(
             400, f"unknown field '{field}'{_did_you_mean(loc[-1], request)}", param=field, code="unknown_field"
         )
+    if kind == UNSUPPORTED:  # a model_validator in protocol.py: the context names the field
+        param = str(first.get("ctx", {}).get("param", field))
+        return APIError(400, str(first.get("msg")), param=param, code=UNSUPPORTED)
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     where = f"field '{field}'" if field else "request body"
@@ -129,7 +145,7 @@ def describe_validation_error(exc: RequestValidationError, request: Request) -> 
 
 def _did_you_mean(name: str, request: Request) -> str:
     """A hint naming the field the client probably meant, among the endpoint's own fields."""
-    model = BODY_MODELS.get(request.url.path)
+    model = body_model(request.scope)
     close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6) if model else []
     return f"; did you mean '{close[0]}'?" if close else ""
 

@@ -110,7 +110,7 @@ class BodyLimitMiddleware:
         await error_response(error, scope)(scope, receive, send)
 
 
-# --------------------------------------------------------------------------- auth
+# --------------------------------------------------------------------------- the tutorial's clients
 
 
 class LegacyJsonBodyMiddleware:

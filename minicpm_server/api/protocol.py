@@ -2,18 +2,22 @@
 
 Validation is strict: no type coercion ("10" is not a number), no unknown fields, no NaN or
 Infinity, no lone surrogates in strings. A bad request gets a 400 that names the field; nothing
-a client sends is silently ignored.
+a client sends is silently ignored. Everything that can be judged from the body alone is judged
+while it is parsed (field constraints, and `model_validator`s across fields, which raise
+`unsupported(...)` errors that errors.py turns into a 400 naming the field); only what needs the
+prompt's token count (the budget against the context window) is left for later.
 
 Each generation request converts itself (`prompt_text`, then `to_generation_request`) into the
-engine's GenerationRequest: the token budget and the field that set it, the sampling parameters
-(the tutorial's defaults live in engine/protocol.py) and the stop strings.
+engine's GenerationRequest: the token budget and the field that set it (`token_budget`), the
+sampling parameters (the tutorial's defaults live in engine/protocol.py) and the stop strings.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from minicpm_server.engine.protocol import GenerationRequest, SamplingParams
 from minicpm_server.model import chat
@@ -29,6 +33,31 @@ class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None, code: str) -> None:
         super().__init__(message)
         self.param, self.code = param, code
+
+
+UNSUPPORTED = "unsupported_parameter"
+
+
+def unsupported(param: str, why: str) -> PydanticCustomError:
+    """A validation error for a field set to something we cannot do; errors.py names `param`."""
+    return PydanticCustomError(UNSUPPORTED, "'{param}': {why}", {"param": param, "why": why})
+
+
+def token_budget(
+    prompt_tokens: int,
+    context_window: int,
+    given: list[tuple[str, int | None]],
+    fallback_field: str,
+    default: int | None = None,
+) -> tuple[int, str]:
+    """The generation budget and the field that set it: the first field in `given` the client
+    sent, else `default`, else the rest of the context window (named `fallback_field` in errors)."""
+    for field, value in given:
+        if value is not None:
+            return value, field
+    if default is not None:
+        return default, fallback_field
+    return max(context_window - prompt_tokens, 1), fallback_field  # a full window fails the engine's check
 
 
 def _no_lone_surrogates(value: str) -> str:
@@ -125,24 +154,24 @@ class LegacyChatRequest(SamplingFields):
         return chat.render_chat(tokenizer, chat.conversation(self.prompt, history))
 
     def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
-        """Budget: max_new_tokens, else what max_length (prompt included) leaves, else the rest of the window.
-        Generation stops at the model's next turn marker, as model.chat cuts its answer there."""
+        """Budget: max_new_tokens, else max_tokens, else what max_length (prompt included) leaves,
+        else the rest of the window. Generation stops at the model's next turn marker, as
+        model.chat cuts its answer there."""
         prompt_tokens = len(prompt_ids)
-        if self.max_new_tokens is not None:
-            budget, field = self.max_new_tokens, "max_new_tokens"
-        elif self.max_tokens is not None:
-            budget, field = self.max_tokens, "max_tokens"
-        elif self.max_length is not None:
-            if self.max_length <= prompt_tokens:
-                raise InvalidRequest(
-                    f"max_length {self.max_length} leaves no room for an answer: the prompt alone is "
-                    f"{prompt_tokens} tokens (max_length counts the prompt, as in model.chat)",
-                    "max_length",
-                    "context_length_exceeded",
-                )
-            budget, field = self.max_length - prompt_tokens, "max_length"
-        else:
-            budget, field = _rest_of_window(prompt_tokens, context_window), "max_length"
+        if self.max_length is not None and self.max_length <= prompt_tokens:
+            raise InvalidRequest(
+                f"max_length {self.max_length} leaves no room for an answer: the prompt alone is "
+                f"{prompt_tokens} tokens (max_length counts the prompt, as in model.chat)",
+                "max_length",
+                "context_length_exceeded",
+            )
+        after_prompt = None if self.max_length is None else self.max_length - prompt_tokens
+        budget, field = token_budget(
+            prompt_tokens,
+            context_window,
+            [("max_new_tokens", self.max_new_tokens), ("max_tokens", self.max_tokens), ("max_length", after_prompt)],
+            "max_length",
+        )
         stops = (*_stop_list(self.stop), *chat.TURN_MARKERS)
         return GenerationRequest(prompt_ids, self.sampling_params(budget, stops, self.do_sample), field)
 
@@ -190,12 +219,13 @@ class OpenAIFields(SamplingFields):
     store: bool | None = Field(None, description="Accepted and ignored: nothing is stored.")
     service_tier: Text | None = Field(None, description="Accepted and ignored.")
 
-    def require_supported(self) -> None:
-        """A 400 for the first field set to something we cannot do: never silently ignored."""
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        """A 400 at parse time for the first field set to something we cannot do: never silently ignored."""
         problem = self.unsupported()
         if problem is not None:
-            name, why = problem
-            raise InvalidRequest(f"'{name}': {why}", name, "unsupported_parameter")
+            raise unsupported(*problem)
+        return self
 
     def unsupported(self) -> tuple[str, str] | None:
         """The first field set to something we cannot do, with why."""
@@ -237,17 +267,16 @@ class ChatCompletionRequest(OpenAIFields):
         return super().unsupported()
 
     def prompt_text(self, tokenizer: Tokenizer) -> str:
-        self.require_supported()
         return chat.render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in self.messages])
 
     def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
         """Budget: max_completion_tokens, else max_tokens, else the rest of the window; stops at turn markers."""
-        if self.max_completion_tokens is not None:
-            budget, field = self.max_completion_tokens, "max_completion_tokens"
-        elif self.max_tokens is not None:
-            budget, field = self.max_tokens, "max_tokens"
-        else:
-            budget, field = _rest_of_window(len(prompt_ids), context_window), "max_tokens"
+        budget, field = token_budget(
+            len(prompt_ids),
+            context_window,
+            [("max_completion_tokens", self.max_completion_tokens), ("max_tokens", self.max_tokens)],
+            "max_tokens",
+        )
         stops = (*_stop_list(self.stop), *chat.TURN_MARKERS)
         return GenerationRequest(prompt_ids, self.sampling_params(budget, stops), field)
 
@@ -274,22 +303,18 @@ class CompletionRequest(OpenAIFields):
 
     def prompt_text(self, tokenizer: Tokenizer) -> str:
         """The raw prompt: no chat template."""
-        self.require_supported()
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
-        budget = self.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
-        return GenerationRequest(prompt_ids, self.sampling_params(budget, _stop_list(self.stop)), "max_tokens")
+        given = [("max_tokens", self.max_tokens)]
+        budget, field = token_budget(len(prompt_ids), context_window, given, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
+        return GenerationRequest(prompt_ids, self.sampling_params(budget, _stop_list(self.stop)), field)
 
 
 def _stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
     return (stop,) if isinstance(stop, str) else tuple(stop)
-
-
-def _rest_of_window(prompt_tokens: int, context_window: int) -> int:
-    return max(context_window - prompt_tokens, 1)  # a prompt that fills the window fails the engine's check
 
 
 class Usage(BaseModel):

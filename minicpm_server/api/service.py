@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from minicpm_server.api.errors import APIError
 from minicpm_server.api.metrics import Metrics
@@ -18,8 +19,10 @@ from minicpm_server.api.protocol import HealthResponse
 from minicpm_server.engine import create_engine
 from minicpm_server.engine.protocol import Engine, EngineStats
 from minicpm_server.exceptions import StartupError, one_line
-from minicpm_server.model.checkpoint import Preflight, preflight
 from minicpm_server.settings import Settings
+
+if TYPE_CHECKING:
+    from minicpm_server.model.checkpoint import Preflight
 
 log = logging.getLogger("minicpm_server")
 
@@ -48,6 +51,8 @@ class ModelService:
         threading.Thread(target=self._load, name="minicpm-loader", daemon=True).start()
 
     def _load(self) -> None:
+        from minicpm_server.model.checkpoint import preflight  # torch: loaded with the model, not with the app
+
         s = self.settings
         try:
             checked = self.preflight or preflight(s.model_path, s.device)

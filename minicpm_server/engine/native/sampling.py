@@ -1,10 +1,13 @@
 """Per-request sampling over a batch of logits, vectorised across rows.
 
-Each row keeps its own temperature, top_k, top_p, repetition penalty, greedy flag and random
-generator. The order follows transformers' generate(): repetition penalty on the raw logits,
-then temperature, top-k, and top-p on what top-k left; greedy rows take the argmax of the
-penalised logits, as generate() does with do_sample=False. Probabilities are normalised once
-and a token is drawn by inverse CDF, one uniform number per row.
+Each row keeps its own temperature, top_k, top_p, min_p, repetition penalty, presence and
+frequency penalties, greedy flag and random generator. The order follows transformers'
+generate(): the repetition penalty (CTRL's: divide a seen token's positive logit, multiply a
+negative one) on the raw logits, then OpenAI's presence and frequency penalties on the tokens
+generated so far, then temperature, top-k, top-p on what top-k left, and min-p on what top-p
+left. Greedy rows take the argmax of the penalised logits, as generate() does with
+do_sample=False. Probabilities are normalised once and a token is drawn by inverse CDF, one
+uniform number per row.
 """
 
 from __future__ import annotations

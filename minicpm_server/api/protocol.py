@@ -307,7 +307,9 @@ class CompletionRequest(OpenAIFields):
 
     def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
         given = [("max_tokens", self.max_tokens)]
-        budget, field = token_budget(len(prompt_ids), context_window, given, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
+        budget, field = token_budget(
+            len(prompt_ids), context_window, given, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS
+        )
         return GenerationRequest(prompt_ids, self.sampling_params(budget, _stop_list(self.stop)), field)
 
 

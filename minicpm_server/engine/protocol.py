@@ -4,6 +4,11 @@ The HTTP side turns a request body into a `GenerationRequest` (prompt ids, `Samp
 and the name of the field that set the token budget, for error messages), submits it to an
 `Engine`, and reads `TextDelta` events and one `Finished` from the returned handle. It never
 touches a backend's internals: the metrics read `Engine.stats`, errors are the exceptions below.
+
+Log-probabilities, when a request asks for them, travel in the events as token ids and numbers
+(`TokenLogprob`); what a token looks like as text is the HTTP side's business. A log-probability
+is the model's own: log-softmax of the raw logits, before penalties, temperature, top-k and top-p
+(as vLLM reports by default), so greedy answers' numbers compare across servers.
 """
 
 from __future__ import annotations
@@ -39,10 +44,15 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # per generated token: its log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo, scoring)
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows (OpenAI: 20 for chat, 5 for completions)
 
 
 @dataclass(frozen=True)
@@ -56,13 +66,29 @@ class GenerationRequest:
         return len(self.prompt_ids)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a sequence with its log-probability, and the most likely tokens at its
+    position (`top`: (id, logprob) pairs, most likely first; as many as the request asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 # --------------------------------------------------------------------------- events
 
 
 @dataclass
 class TextDelta:
+    """New answer text. `logprobs`: one entry per generated token whose text is (or was held
+    back and is now) in this delta, when the request asked; `prompt_logprobs`: the prompt's
+    scores (None for its first token), on the request's first event only."""
+
     text: str
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

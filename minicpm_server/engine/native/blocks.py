@@ -74,12 +74,12 @@ class BlockPool:
 
     # ----------------------------------------------------------------- reserve and release
 
-    def reserve(self, prompt: Sequence[int], total_tokens: int) -> tuple[list[int], int] | None:
+    def reserve(self, prompt: Sequence[int], total_tokens: int, *, reuse: bool = True) -> tuple[list[int], int] | None:
         """Blocks for a request of `total_tokens` (prompt plus its token budget) whose prompt is
-        `prompt`, reusing a cached prefix: (block table, tokens already computed), or None when
-        it does not fit now. At least one prompt token is always left to compute (its logits
-        give the first answer token)."""
-        shared = self._match(prompt)
+        `prompt`, reusing a cached prefix unless `reuse` is false: (block table, tokens already
+        computed), or None when it does not fit now. At least one prompt token is always left to
+        compute (its logits give the first answer token)."""
+        shared = self._match(prompt) if reuse else []
         for block in shared:
             self._ref(block)
         needed = blocks_for(total_tokens, self.block_size) - len(shared)

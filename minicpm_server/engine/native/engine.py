@@ -257,16 +257,17 @@ class NativeEngine(EngineBase):
         self.raise_injected_fault()
         if newcomers:
             seqs = [self._new_sequence(a) for a in newcomers]
-            joining, logits = self.runner.prefill(seqs)
+            joining, logits, scores = self.runner.prefill(seqs)
             self.scheduler.prefilled(seqs)
-            self._accept_tokens(joining, self.runner.sample(logits, joining))
+            self.emit([(seq.handle, e) for seq, s in zip(seqs, scores, strict=True) for e in seq.output.prefilled(s)])
+            self._accept_tokens(joining, logits)
             self.scheduler.join(joining)
             self._drop_finished()
         batch = self.scheduler.batch
         if batch is not None:
             logits = self.runner.decode_step(batch)
             self.scheduler.decoded()
-            self._accept_tokens(batch, self.runner.sample(logits, batch))
+            self._accept_tokens(batch, logits)
             self._drop_finished()
 
     def _new_sequence(self, admission: Admission) -> Sequence:
@@ -274,13 +275,15 @@ class NativeEngine(EngineBase):
         output = TokenOutput(self.tokenizer, handle.params, handle.prompt_tokens, self.eos_token_id)
         return Sequence(handle, output, admission.table, list(handle.prompt_ids), computed=admission.cached)
 
-    def _accept_tokens(self, batch: Batch, tokens: torch.Tensor) -> None:
-        """Record each row's new token, turn it into text, and decide whether the row is done."""
+    def _accept_tokens(self, batch: Batch, logits: torch.Tensor) -> None:
+        """Sample each row's new token, record it, turn it into text, and decide whether the row is done."""
+        tokens = self.runner.sample(logits, batch)
+        scores = self.runner.logprobs(logits, batch, tokens)
         self.runner.record(batch, tokens)
         events: list[tuple[QueueHandle, Event]] = []
-        for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
+        for seq, token, score in zip(batch.seqs, tokens.tolist(), scores, strict=True):
             seq.tokens.append(token)
-            step = seq.output.end("cancelled") if seq.handle.cancelled else seq.output.push(token)
+            step = seq.output.end("cancelled") if seq.handle.cancelled else seq.output.push(token, score)
             events.extend((seq.handle, event) for event in step)
         self.emit(events)
 

@@ -199,6 +199,24 @@ class PagedForward:
             **kwargs,
         )
 
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+        """The last layer's normed hidden states [B, Q, hidden] (no output head): for scoring
+        every prompt position without holding [Q, vocabulary] logits at once."""
+        self.cache.layout = layout
+        out = self.model.model(
+            input_ids=ids,
+            attention_mask=layout.mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: self.cache},
+        )
+        return out.last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from hidden states, as the model's forward computes them (Granite divides by
+        logits_scaling; MiniCPM's hidden_size / dim_model_base)."""
+        return self.model.lm_head(hidden) / getattr(self.model.config, "logits_scaling", 1.0)
+
 
 def cache_argument_name(model: Any) -> str:
     """transformers 5 renamed forward's `past_key_values` to `cache` part-way through the 5.x

@@ -4,13 +4,14 @@ not queues or requests' lifetimes (scheduler.py decides who runs, engine.py driv
 * `Batch` is the running rows' state on the model's device, one entry per row in every field
   (rows.py joins and selects them without naming the fields).
 * `ModelRunner.prefill` computes the newcomers' uncached prompt tokens together and returns their
-  joining rows with the logits of each row's last prompt token.
+  joining rows with the logits of each row's last prompt token, and the prompt's scores for the
+  rows that asked for them (logprobs.py; those rows bypass the prefix cache, scheduler.py).
 * `ModelRunner.decode` runs one decode step for every row through `DecodeForward`, the one
   wrapper of the three ways a step can run: compiled (compiled.py, with --compile), lean (lean.py,
   our own forward over the model's weights), or transformers' forward (`PagedForward`, which
   every prefill also runs). A compiled step that fails falls back to lean, once, for good.
-* `ModelRunner.sample` draws each row's next token (sampling.py) and `record` notes it in the
-  rows' penalty state.
+* `ModelRunner.sample` draws each row's next token (sampling.py), `logprobs` scores it for the
+  rows that asked (free rows pay nothing), and `record` notes it in the rows' penalty state.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from minicpm_server.engine.native.blocks import NULL_BLOCK, blocks_for
 from minicpm_server.engine.native.compiled import CompiledDecode
 from minicpm_server.engine.native.lean import LeanDecoder
+from minicpm_server.engine.native.logprobs import score_prompt, token_logprobs
 from minicpm_server.engine.native.paged import (
     PagedForward,
     PagedKVCache,
@@ -33,6 +35,7 @@ from minicpm_server.engine.native.paged import (
 )
 from minicpm_server.engine.native.rows import RowState
 from minicpm_server.engine.native.sampling import BatchSampling, sample_next_tokens
+from minicpm_server.engine.protocol import TokenLogprob
 
 if TYPE_CHECKING:
     from minicpm_server.engine.native.scheduler import Sequence
@@ -153,9 +156,10 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- prefill
 
-    def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor]:
+    def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor, list[list[TokenLogprob | None] | None]]:
         """Compute each sequence's uncached prompt tokens (all rows in one left-padded pass) and
-        return their rows with the logits [B, V] of each row's last prompt token."""
+        return their rows, the logits [B, V] of each row's last prompt token, and each row's
+        prompt scores (None where the request did not ask)."""
         prompts = [seq.tokens for seq in seqs]
         fresh = [block for seq in seqs for block in seq.table[seq.computed // self.block_size :]]
         self.cache.zero_blocks(fresh, self.block_size)
@@ -169,7 +173,19 @@ class ModelRunner:
         table = self._table([seq.table for seq in seqs])
         layout = prefill_layout(table, cached, new, self.block_size)
         offsets = torch.arange(width, device=self.device)[None, :] - (width - new)[:, None]
-        out = self.forward(ids, (cached[:, None] + offsets).clamp(min=0), layout, logits_to_keep=1)
+        positions = (cached[:, None] + offsets).clamp(min=0)
+        wanted = [seq.handle.params.prompt_logprobs for seq in seqs]
+        scores: list[list[TokenLogprob | None] | None] = [None] * len(seqs)
+        if all(top is None for top in wanted):
+            logits = self.forward(ids, positions, layout, logits_to_keep=1).logits[:, -1]
+        else:
+            hidden = self.forward.hidden(ids, positions, layout)
+            logits = self.forward.head(hidden[:, -1:])[:, -1]  # the shapes logits_to_keep=1 computes with
+            for row, (seq, top) in enumerate(zip(seqs, wanted, strict=True)):
+                if top is not None:  # admitted without a cached prefix: the whole prompt is in this pass
+                    scores[row] = score_prompt(
+                        hidden[row, width - len(seq.tokens) :], seq.tokens, top, self.forward.head
+                    )
         seen = torch.zeros(len(prompts), self.vocab_size, dtype=torch.bool, device=self.device)
         for row, prompt in enumerate(prompts):
             seen[row, prompt] = True
@@ -183,7 +199,7 @@ class ModelRunner:
             counts=torch.zeros(len(prompts), self.vocab_size, dtype=torch.int32, device=self.device),
             sampling=BatchSampling.build([seq.handle.params for seq in seqs], generators, self.device),
         )
-        return joining, out.logits[:, -1]
+        return joining, logits, scores
 
     def _table(self, tables: list[list[int]]) -> torch.Tensor:
         rows = [t + [NULL_BLOCK] * (self.table_width - len(t)) for t in tables]
@@ -204,6 +220,17 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Each row's next token from its logits, with its own sampling parameters."""
         return sample_next_tokens(logits.float(), batch.seen, batch.sampling, self.shared_generator, batch.counts)
+
+    def logprobs(self, logits: torch.Tensor, batch: Batch, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+        """The sampled tokens' log-probabilities for the rows that asked; None for the others."""
+        rows = [i for i, seq in enumerate(batch.seqs) if seq.handle.params.logprobs is not None]
+        found: list[TokenLogprob | None] = [None] * len(batch.seqs)
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            tops = [batch.seqs[i].handle.params.logprobs or 0 for i in rows]
+            for row, entry in zip(rows, token_logprobs(logits[index], tokens[index], tops), strict=True):
+                found[row] = entry
+        return found
 
     def record(self, batch: Batch, tokens: torch.Tensor) -> None:
         """The sampled tokens become the next step's input and count in each row's penalties."""

@@ -85,7 +85,9 @@ class Scheduler:
                 continue
             if taken and head.prompt_tokens > budget:
                 break
-            reserved = self.pool.reserve(head.prompt_ids, head.prompt_tokens + head.params.max_new_tokens)
+            # A prompt to be scored is computed whole: cached blocks have keys and values, not logits.
+            reuse = head.params.prompt_logprobs is None
+            reserved = self.pool.reserve(head.prompt_ids, head.prompt_tokens + head.params.max_new_tokens, reuse=reuse)
             if reserved is None:
                 self.waited_for_memory += 1
                 break

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,6 +61,21 @@ class Tokenizer(Protocol):
         """Text of generated ids; BOS and EOS decode to nothing."""
         ...
 
+    def token_text(self, token_id: int) -> str:
+        """One token as text on its own (log-probabilities name tokens this way): a control
+        token by its name ("</s>"), any other as it decodes alone."""
+        ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes: a byte-fallback token's single byte, any other its text's UTF-8."""
+        ...
+
+    def encode_with_control_tokens(self, text: str) -> list[int]:
+        """Ids of `text` where a control token's name ("<s>", "</s>") written in it stands for
+        that token (as Hugging Face tokenizers read text); no BOS is added. Only /tokenize reads
+        text this way: prompts keep "</s>" as plain text."""
+        ...
+
 
 class SentencePieceTokenizer:
     """sentencepiece on the checkpoint's `tokenizer.model`: the reference itself."""
@@ -79,12 +95,28 @@ class SentencePieceTokenizer:
         self.eos_token = self._sp.id_to_piece(self.eos_token_id)
         self.chat_template = config.get("chat_template")
         self.vocab_size = self._sp.get_piece_size()
+        self._controls: dict[str, int] | None = None  # control tokens' names (encode_with_control_tokens)
 
     def encode(self, text: str) -> list[int]:
         return [self.bos_token_id, *self._sp.encode(text)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
+
+    def token_text(self, token_id: int) -> str:
+        if self._sp.is_control(token_id):
+            return self._sp.id_to_piece(token_id)
+        return self._sp.decode([token_id])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._sp.is_byte(token_id):
+            return bytes([int(self._sp.id_to_piece(token_id)[1:-1], 16)])  # "<0xE4>"
+        return self.token_text(token_id).encode("utf-8")
+
+    def encode_with_control_tokens(self, text: str) -> list[int]:
+        if self._controls is None:
+            self._controls = {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)}
+        return _split_on_names(text, self._controls, self._sp.encode)
 
 
 class TokenizerJsonTokenizer:
@@ -114,6 +146,35 @@ class TokenizerJsonTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id) or ""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return self.token_text(token_id).encode("utf-8")
+
+    def encode_with_control_tokens(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids  # the library reads special tokens' names
+
+
+def _split_on_names(text: str, names: dict[str, int], encode) -> list[int]:
+    """Encode `text`, with each occurrence of a key of `names` replaced by its id."""
+    if not names:
+        return list(encode(text))
+    pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
+    ids: list[int] = []
+    start = 0
+    for match in pattern.finditer(text):
+        if match.start() > start:
+            ids.extend(encode(text[start : match.start()]))
+        ids.append(names[match.group()])
+        start = match.end()
+    if start < len(text):
+        ids.extend(encode(text[start:]))
+    return ids
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:

@@ -31,6 +31,7 @@ from minicpm_server.engine.protocol import (
     EngineUnavailableError,
     GenerationRequest,
     SamplingParams,
+    TokenLogprob,
     check_fits,
 )
 from minicpm_server.exceptions import StartupError, one_line
@@ -63,6 +64,9 @@ def vllm_sampling_params(params: SamplingParams, eos_token_id: int) -> Any:
     from vllm.sampling_params import RequestOutputKind
 
     return VllmSamplingParams(
+        # vLLM generates at least one token; a scoring-only request (0) ends after its prompt.
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
         temperature=0.0 if params.greedy else params.temperature,
         top_p=params.top_p,
         top_k=params.top_k,
@@ -71,13 +75,45 @@ def vllm_sampling_params(params: SamplingParams, eos_token_id: int) -> Any:
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
         seed=params.seed,
-        max_tokens=params.max_new_tokens,
+        max_tokens=max(1, params.max_new_tokens),
         ignore_eos=params.ignore_eos,
         stop_token_ids=[] if params.ignore_eos else [eos_token_id],
         detokenize=False,
         skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def to_token_logprob(token: int, table: dict[int, Any], top: int) -> TokenLogprob:
+    """vLLM's {id: Logprob} for one position, as our entry: the token's number and the `top`
+    most likely (vLLM's table also holds the token itself when it is not among them)."""
+    ranked = sorted(table.items(), key=lambda item: -item[1].logprob)
+    best = tuple((tid, entry.logprob) for tid, entry in ranked[:top])
+    return TokenLogprob(token, table[token].logprob, best)
+
+
+class PromptScores:
+    """A prompt's scores as vLLM delivers them (a first None, then one table per token; possibly
+    over several outputs when the prefill is chunked)."""
+
+    def __init__(self, prompt: list[int], top: int | None) -> None:
+        self.prompt, self.top = prompt, top
+        self.scores: list[TokenLogprob | None] | None = None if top is None else []
+        self.delivered = False
+
+    def add(self, tables: list[dict[int, Any] | None] | None) -> bool:
+        """Take one output's tables; True once, when the prompt is complete (or none was asked)."""
+        if self.delivered:
+            return False
+        if self.scores is not None:
+            for table in tables or ():
+                position = len(self.scores)
+                token = self.prompt[position]
+                self.scores.append(None if table is None else to_token_logprob(token, table, self.top or 0))
+            if len(self.scores) < len(self.prompt):
+                return False
+        self.delivered = True
+        return True
 
 
 def configure_cpu_environment(options: VllmOptions) -> None:
@@ -273,6 +309,7 @@ class VllmEngine(EngineBase):
     async def _stream_tokens(self, handle: QueueHandle, output: TokenOutput) -> None:
         params = vllm_sampling_params(handle.params, self.eos_token_id)
         prompt = {"prompt_token_ids": handle.prompt_ids}
+        scoring = PromptScores(handle.prompt_ids, handle.params.prompt_logprobs)
         stream = self._llm.generate(prompt, params, request_id=f"minicpm-{handle.id}")
         async with contextlib.aclosing(stream):  # leaving early closes the stream: vLLM aborts the request
             async for result in stream:
@@ -280,10 +317,15 @@ class VllmEngine(EngineBase):
                     with self._lock:
                         self._started.add(handle.id)
                 events: list[Event] = []
-                for token in result.outputs[0].token_ids:
-                    events.extend(output.push(token))
+                if scoring.add(result.prompt_logprobs):  # the prompt is done: its scores, before any token
+                    events.extend(output.prefilled(scoring.scores))
+                completion = result.outputs[0]
+                top = handle.params.logprobs
+                for i, token in enumerate(completion.token_ids):
                     if output.done:
                         break
+                    entry = None if top is None else to_token_logprob(token, completion.logprobs[i], top)
+                    events.extend(output.push(token, entry))
                 self._emit(handle, events)
                 if output.done:
                     return

@@ -7,6 +7,7 @@ middleware.py's, errors are mapped in errors.py. Nothing that runs the model run
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,8 @@ from minicpm_server.api.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     FaultRequest,
     HealthResponse,
     LegacyChatRequest,
@@ -36,15 +39,21 @@ from minicpm_server.api.protocol import (
     ModelCard,
     ModelList,
     OpenAIFields,
+    PromptInput,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     error_responses,
 )
-from minicpm_server.api.responses import ChatFormat, CompletionFormat, LegacyFormat, OpenAIFormat
+from minicpm_server.api.responses import ChatFormat, CompletionFormat, LegacyFormat, OpenAIFormat, TokenNames
 from minicpm_server.api.service import ModelService
 from minicpm_server.engine.protocol import DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from minicpm_server.model import chat
 from minicpm_server.settings import Settings
 
 if TYPE_CHECKING:
     from minicpm_server.model.checkpoint import Preflight
+    from minicpm_server.model.tokenizer import Tokenizer
 
 # Headers that keep proxies (nginx, AutoDL's port mapping) from buffering a stream.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -92,7 +101,7 @@ def legacy_routes() -> APIRouter:
         summary="The tutorial's chat endpoint",
     )
     async def legacy_chat(body: LegacyChatRequest, request: Request) -> Any:
-        gen = await _submit(request, body)
+        (gen,) = await _submit(request, body)
         if body.stream:
             stream = LegacyFormat.stream(gen.events())
             return StreamingResponse(stream, media_type="application/x-ndjson", headers=STREAM_HEADERS)
@@ -101,20 +110,24 @@ def legacy_routes() -> APIRouter:
     return router
 
 
-async def _submit(request: Request, body: Any) -> generation.TrackedGeneration:
+async def _submit(request: Request, body: Any) -> list[generation.TrackedGeneration]:
     service = _service(request)
     engine = service.require_engine()
     return await generation.submit(engine, body, request, service.metrics, service.settings.request_timeout)
 
 
-async def _openai_generation(request: Request, body: OpenAIFields, answer: OpenAIFormat) -> Any:
-    gen = await _submit(request, body)
-    model = _service(request).settings.model_name
+async def _openai_generation(
+    request: Request, body: OpenAIFields, formatter: Callable[[TokenNames, list[PromptInput]], OpenAIFormat]
+) -> Any:
+    gens = await _submit(request, body)
+    service = _service(request)
+    model = service.settings.model_name
+    answer = formatter(TokenNames(service.require_engine().tokenizer), [g.prepared.prompt for g in gens])
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = answer.stream(gen.events(), model, include_usage)
+        stream = answer.stream(generation.merged_events(gens), model, include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
-    return answer.answer(await gen.complete(), model)
+    return answer.answer(await generation.complete_all(gens), model)
 
 
 def openai_routes() -> APIRouter:
@@ -136,13 +149,71 @@ def openai_routes() -> APIRouter:
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=errors)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await _openai_generation(request, body, ChatFormat())
+        return await _openai_generation(
+            request, body, lambda names, prompts: ChatFormat(names, prompts, logprobs=body.logprobs)
+        )
 
     @router.post("/completions", response_model=CompletionResponse, responses=errors)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await _openai_generation(request, body, CompletionFormat())
+        return await _openai_generation(
+            request, body, lambda names, prompts: CompletionFormat(names, prompts, body.logprobs, body.echo)
+        )
 
     return router
+
+
+def tokenizer_routes() -> APIRouter:
+    """vLLM's tokenizer endpoints: the server's own ids (sentencepiece), so a client such as
+    lm-eval's remote tokenizer needs no copy of the tokenizer and no model hub."""
+    router = APIRouter(tags=["tokenizer"])
+    errors = error_responses(400, 401, 413, 503)
+
+    @router.post("/tokenize", response_model=TokenizeResponse, responses=errors)
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        engine = _service(request).require_engine()
+        ids = await asyncio.to_thread(_tokenize, engine.tokenizer, body)
+        strs = [engine.tokenizer.token_text(i) for i in ids] if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.context_window, tokens=ids, token_strs=strs)
+
+    @router.post("/detokenize", response_model=DetokenizeResponse, responses=errors)
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        tokenizer = _service(request).require_engine().tokenizer
+        for position, token in enumerate(body.tokens):
+            if token >= tokenizer.vocab_size:
+                message = (
+                    f"tokens[{position}]: token id {token} is outside the vocabulary (0..{tokenizer.vocab_size - 1})"
+                )
+                raise APIError(400, message, param="tokens", code="invalid_token_id")
+        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+    @router.get("/tokenizer_info", response_model=TokenizerInfo, responses=error_responses(401, 503))
+    async def tokenizer_info(request: Request) -> TokenizerInfo:
+        engine = _service(request).require_engine()
+        t = engine.tokenizer
+        return TokenizerInfo(
+            tokenizer_class=type(t).__name__,
+            bos_token=t.bos_token,
+            eos_token=t.eos_token,
+            bos_token_id=t.bos_token_id,
+            eos_token_id=t.eos_token_id,
+            vocab_size=t.vocab_size,
+            model_max_length=engine.context_window,
+            chat_template=t.chat_template or chat.MINICPM_CHAT_TEMPLATE,
+        )
+
+    return router
+
+
+def _tokenize(tokenizer: Tokenizer, body: TokenizeRequest) -> list[int]:
+    """Text reads control tokens' names ("</s>" is EOS, as in Hugging Face tokenizers and vLLM);
+    messages are rendered and encoded exactly as a chat prompt is (there "</s>" stays text)."""
+    if body.messages is not None:
+        text = chat.render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        ids = tokenizer.encode(text)
+        return ids if body.add_special_tokens is not False else ids[1:]
+    assert body.prompt is not None
+    ids = tokenizer.encode_with_control_tokens(body.prompt)
+    return [tokenizer.bos_token_id, *ids] if body.add_special_tokens is not False else ids
 
 
 def fault_routes() -> APIRouter:
@@ -256,6 +327,7 @@ def create_app(
     app.state.tutorial_endpoints = endpoints_of(tutorial)  # their errors carry the tutorial's keys (errors.py)
     app.include_router(tutorial, dependencies=guarded)
     app.include_router(openai_routes(), dependencies=guarded)
+    app.include_router(tokenizer_routes(), dependencies=guarded)
     app.include_router(metrics_routes(), dependencies=guarded)
     if settings.testing_fault_injection:
         log.warning("fault injection is enabled (POST /debug/fault): for tests only")

@@ -14,12 +14,13 @@ sampling parameters (the tutorial's defaults live in engine/protocol.py) and the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from minicpm_server.engine.protocol import GenerationRequest, SamplingParams
+from minicpm_server.engine.protocol import MAX_LOGPROBS, GenerationRequest, SamplingParams
 from minicpm_server.model import chat
 from minicpm_server.model.tokenizer import Tokenizer
 
@@ -76,12 +77,32 @@ StopText = Annotated[Text, Field(min_length=1, max_length=1000)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)] | None
 
 
-class GenerationBody(Protocol):
-    """What every generation request model does: render its prompt, then convert itself."""
+@dataclass(frozen=True)
+class PromptInput:
+    """One prompt as the engine takes it (`ids`) and as an echo or the log shows it (`text`)."""
 
-    def prompt_text(self, tokenizer: Tokenizer) -> str: ...
+    ids: list[int]
+    text: str
+
+
+class GenerationBody(Protocol):
+    """What every generation request model does: its prompts (one per answer), then each one's
+    GenerationRequest."""
+
+    def prompts(self, tokenizer: Tokenizer) -> list[PromptInput]: ...
 
     def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest: ...
+
+
+class RenderedPrompt:
+    """A body whose one prompt is text it renders (`prompt_text`), tokenized with BOS in front."""
+
+    def prompt_text(self, tokenizer: Tokenizer) -> str:
+        raise NotImplementedError
+
+    def prompts(self, tokenizer: Tokenizer) -> list[PromptInput]:
+        text = self.prompt_text(tokenizer)
+        return [PromptInput(tokenizer.encode(text), text)]
 
 
 class StrictModel(BaseModel):
@@ -134,7 +155,7 @@ class SamplingFields(StrictModel):
         )
 
 
-class LegacyChatRequest(SamplingFields):
+class LegacyChatRequest(RenderedPrompt, SamplingFields):
     """`POST /`: the tutorial's body, `{"prompt": ...}`, plus optional model.chat-style fields."""
 
     prompt: Text
@@ -238,15 +259,17 @@ class OpenAIFields(SamplingFields):
         return None
 
 
-class ChatCompletionRequest(OpenAIFields):
+class ChatCompletionRequest(RenderedPrompt, OpenAIFields):
     messages: list[ChatCompletionMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    logprobs: bool = Field(False, description="Return each answer token's log-probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many most likely tokens at each position."
+    )
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored: no tools are called.")
     reasoning_effort: Text | None = Field(None, description="Accepted and ignored: MiniCPM-2B does not reason apart.")
@@ -260,8 +283,8 @@ class ChatCompletionRequest(OpenAIFields):
             return "tool_choice", "tool and function calling are not supported by MiniCPM-2B"
         if self.modalities not in (None, ["text"]):
             return "modalities", 'only ["text"] is supported'
-        if self.logprobs or self.top_logprobs is not None:
-            return ("logprobs" if self.logprobs else "top_logprobs"), "log probabilities are not supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "only allowed when logprobs is true"
         if self.response_format is not None and self.response_format != {"type": "text"}:
             return "response_format", "only {'type': 'text'} is supported"
         return super().unsupported()
@@ -278,39 +301,88 @@ class ChatCompletionRequest(OpenAIFields):
             "max_tokens",
         )
         stops = (*_stop_list(self.stop), *chat.TURN_MARKERS)
-        return GenerationRequest(prompt_ids, self.sampling_params(budget, stops), field)
+        params = self.sampling_params(budget, stops)
+        if self.logprobs:
+            params = replace(params, logprobs=self.top_logprobs or 0)
+        return GenerationRequest(prompt_ids, params, field)
+
+
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (one answer each)
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+PromptList = Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+TokenIdsList = Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
 
 
 class CompletionRequest(OpenAIFields):
-    prompt: Text | list[Text] = Field(description="A string (or a list holding one string); no chat template.")
-    echo: bool = False
+    prompt: Text | PromptList | TokenIds | TokenIdsList = Field(
+        description="A string, a list of strings, a list of token ids, or a list of such lists: one answer each, "
+        "in order. Text gets BOS in front; token ids are used as given. No chat template."
+    )
+    max_tokens: int | None = Field(None, ge=0, description="0 (with echo): score the prompt, generate nothing.")
+    echo: bool = Field(False, description="Put the prompt in front of the answer (and score it, with logprobs).")
     suffix: Text | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Each token's log-probability and this many most likely tokens."
+    )
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        """Clear words for the shapes a union would answer with four errors."""
+        if isinstance(value, list):
+            if not value:
+                raise PydanticCustomError("empty_prompt", "the prompt list is empty: send at least one prompt")
+            kinds = {type(item) for item in value}
+            if len(kinds) > 1:
+                raise PydanticCustomError(
+                    "mixed_prompt", "a prompt list holds strings, token ids, or lists of token ids, not a mix"
+                )
+        return value
 
     def unsupported(self) -> tuple[str, str] | None:
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            return "prompt", "send exactly one prompt per request"
-        if self.echo:
-            return "echo", "not supported"
         if self.suffix:
             return "suffix", "not supported"
         if self.best_of not in (None, 1):
             return "best_of", "only best_of=1 is supported"
-        if self.logprobs is not None:
-            return "logprobs", "log probabilities are not supported"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "0 is only allowed with echo (to return or score the prompt alone)"
         return super().unsupported()
 
-    def prompt_text(self, tokenizer: Tokenizer) -> str:
-        """The raw prompt: no chat template."""
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self, tokenizer: Tokenizer) -> list[PromptInput]:
+        """Text prompts are tokenized with BOS in front; token ids are checked and used as given."""
+        given = self.prompt
+        if isinstance(given, str):
+            return [PromptInput(tokenizer.encode(given), given)]
+        if isinstance(given[0], str):
+            return [PromptInput(tokenizer.encode(text), text) for text in given]  # type: ignore[arg-type]
+        lists = [given] if isinstance(given[0], int) else given
+        where = "prompt" if isinstance(given[0], int) else "prompt[{}]"
+        return [self._ids_prompt(ids, where.format(i), tokenizer) for i, ids in enumerate(lists)]  # type: ignore[arg-type]
+
+    @staticmethod
+    def _ids_prompt(ids: list[int], where: str, tokenizer: Tokenizer) -> PromptInput:
+        for position, token in enumerate(ids):
+            if token >= tokenizer.vocab_size:
+                raise InvalidRequest(
+                    f"{where}[{position}]: token id {token} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                    "prompt",
+                    "invalid_token_id",
+                )
+        return PromptInput(list(ids), tokenizer.decode(ids))
 
     def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
         given = [("max_tokens", self.max_tokens)]
         budget, field = token_budget(
             len(prompt_ids), context_window, given, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS
         )
-        return GenerationRequest(prompt_ids, self.sampling_params(budget, _stop_list(self.stop)), field)
+        params = replace(
+            self.sampling_params(budget, _stop_list(self.stop)),
+            logprobs=self.logprobs,
+            prompt_logprobs=self.logprobs if self.echo else None,
+        )
+        return GenerationRequest(prompt_ids, params, field)
 
 
 def _stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -330,11 +402,25 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -347,11 +433,22 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: per token its text, its log-probability (None for a prompt's first
+    token), the most likely tokens at its position (text -> log-probability; the token itself
+    included) and where its text starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -362,6 +459,61 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+# --------------------------------------------------------------------------- tokenizer endpoints (vLLM's shapes)
+
+
+class TokenizeRequest(StrictModel):
+    """`POST /tokenize`: text (`prompt`) or a conversation (`messages`, rendered as chat prompts are)."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatCompletionMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = Field(
+        None,
+        description="BOS in front (default: true for prompt, as vLLM; for messages the template's own tokens are used "
+        "and BOS is added as every chat prompt has it).",
+    )
+    add_generation_prompt: bool = Field(True, description="MiniCPM's template always ends a user turn with <AI>.")
+    return_token_strs: bool = Field(False, description="Also return each token as text.")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise unsupported("prompt", "send exactly one of 'prompt' and 'messages'")
+        if not self.add_generation_prompt:
+            raise unsupported("add_generation_prompt", "MiniCPM's chat template always ends with the <AI> marker")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(StrictModel):
+    model: Text | None = None
+    tokens: list[TokenId] = Field(max_length=1 << 20)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    bos_token: str
+    eos_token: str
+    bos_token_id: int
+    eos_token_id: int
+    vocab_size: int
+    model_max_length: int
+    chat_template: str
+    add_bos_token: bool = True
+    add_eos_token: bool = False
 
 
 class ModelCard(BaseModel):

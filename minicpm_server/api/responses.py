@@ -18,13 +18,19 @@ from minicpm_server.api.errors import error_payload
 from minicpm_server.api.protocol import (
     ChatChoice,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessageOut,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     LegacyChatResponse,
+    PromptInput,
+    TokenLogprobOut,
+    TopLogprob,
     Usage,
 )
-from minicpm_server.engine.protocol import Completion, Finished, TextDelta
+from minicpm_server.engine.protocol import Completion, Finished, TextDelta, TokenLogprob
+from minicpm_server.model.tokenizer import Tokenizer
 
 
 def now_string() -> str:
@@ -73,48 +79,78 @@ class LegacyFormat:
 # --------------------------------------------------------------------------- OpenAI
 
 
+class TokenNames:
+    """Token ids as log-probability entries show them (the tokenizer's token_text and token_bytes)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str:
+        found = self._texts.get(token_id)
+        if found is None:
+            found = self._texts[token_id] = self.tokenizer.token_text(token_id)
+        return found
+
+    def byte_list(self, token_id: int) -> list[int]:
+        return list(self.tokenizer.token_bytes(token_id))
+
+    def width(self, token_id: int) -> int:
+        """How much of a choice's text the token accounts for (text_offset): BOS and EOS none."""
+        if token_id in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
+            return 0
+        return len(self.text(token_id))
+
+
 class OpenAIFormat:
     """What the two /v1 endpoints share: ids, chunk envelopes, the usage chunk and [DONE]."""
 
     id_prefix = ""
     chunk_object = ""
 
-    def answer(self, done: Completion, model: str) -> Any:
+    def __init__(self, names: TokenNames, prompts: list[PromptInput]) -> None:
+        self.names = names
+        self.prompts = prompts
+
+    def answer(self, done: list[Completion], model: str) -> Any:
         raise NotImplementedError
 
     def opening_chunk(self) -> dict[str, Any] | None:
         """A choice sent before any text, or None."""
         return None
 
-    def piece(self, text: str, reason: str | None = None) -> dict[str, Any]:
+    def piece(self, index: int, delta: TextDelta | None, reason: str | None = None) -> dict[str, Any]:
+        """One choice of a chunk: the delta's text (and log-probabilities), or the finish."""
         raise NotImplementedError
 
     def new_id(self) -> str:
         return f"{self.id_prefix}-{uuid.uuid4().hex[:24]}"
 
     async def stream(
-        self, events: AsyncIterator[TextDelta | Finished], model: str, include_usage: bool
+        self, events: AsyncIterator[tuple[int, TextDelta | Finished]], model: str, include_usage: bool
     ) -> AsyncIterator[str]:
         base = {"id": self.new_id(), "object": self.chunk_object, "created": int(time.time()), "model": model}
 
         def chunk(choice: dict[str, Any]) -> str:
-            body = {**base, "choices": [{"index": 0, "logprobs": None, **choice}]}
+            body = {**base, "choices": [{"logprobs": None, **choice}]}
             if include_usage:
                 body["usage"] = None
             return _sse(body)
 
+        totals = [0, 0]
         try:
             opening = self.opening_chunk()
             if opening is not None:
                 yield chunk(opening)
-            async for event in events:
+            async for index, event in events:
                 if isinstance(event, TextDelta):
-                    yield chunk(self.piece(event.text))
+                    yield chunk(self.piece(index, event))
                     continue
-                yield chunk(self.piece("", finish_reason(event.reason)))
-                if include_usage:
-                    tail = usage(event.prompt_tokens, event.completion_tokens).model_dump()
-                    yield _sse({**base, "choices": [], "usage": tail})
+                yield chunk(self.piece(index, None, finish_reason(event.reason)))
+                totals[0] += event.prompt_tokens
+                totals[1] += event.completion_tokens
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": usage(*totals).model_dump()})
         except Exception as exc:
             yield _sse({"error": error_payload(exc)})
         yield _sse("[DONE]")
@@ -124,39 +160,120 @@ class ChatFormat(OpenAIFormat):
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
 
-    def answer(self, done: Completion, model: str) -> ChatCompletionResponse:
-        choice = ChatChoice(message=ChatMessageOut(content=done.text), finish_reason=finish_reason(done.finish_reason))
+    def __init__(self, names: TokenNames, prompts: list[PromptInput], logprobs: bool = False) -> None:
+        super().__init__(names, prompts)
+        self.logprobs = logprobs
+
+    def answer(self, done: list[Completion], model: str) -> ChatCompletionResponse:
+        (one,) = done
+        choice = ChatChoice(
+            message=ChatMessageOut(content=one.text),
+            finish_reason=finish_reason(one.finish_reason),
+            logprobs=ChatLogprobs(content=self._entries(one.logprobs)) if self.logprobs else None,
+        )
         return ChatCompletionResponse(
             id=self.new_id(),
             created=int(time.time()),
             model=model,
             choices=[choice],
-            usage=usage(done.prompt_tokens, done.completion_tokens),
+            usage=usage(one.prompt_tokens, one.completion_tokens),
         )
 
-    def opening_chunk(self) -> dict[str, Any]:
-        return {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    def _entries(self, scores: list[TokenLogprob]) -> list[TokenLogprobOut]:
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            return TopLogprob(token=self.names.text(token_id), logprob=logprob, bytes=self.names.byte_list(token_id))
 
-    def piece(self, text: str, reason: str | None = None) -> dict[str, Any]:
-        return {"delta": {"content": text} if text or reason is None else {}, "finish_reason": reason}
+        return [
+            TokenLogprobOut(**top(s.token_id, s.logprob).model_dump(), top_logprobs=[top(t, v) for t, v in s.top])
+            for s in scores
+        ]
+
+    def opening_chunk(self) -> dict[str, Any]:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+
+    def piece(self, index: int, delta: TextDelta | None, reason: str | None = None) -> dict[str, Any]:
+        if delta is None:
+            return {"index": index, "delta": {}, "finish_reason": reason}
+        choice: dict[str, Any] = {"index": index, "delta": {"content": delta.text}, "finish_reason": None}
+        if self.logprobs:
+            choice["logprobs"] = {"content": [e.model_dump() for e in self._entries(delta.logprobs)]}
+        return choice
 
 
 class CompletionFormat(OpenAIFormat):
     id_prefix = "cmpl"
     chunk_object = "text_completion"
 
-    def answer(self, done: Completion, model: str) -> CompletionResponse:
-        choice = CompletionChoice(text=done.text, finish_reason=finish_reason(done.finish_reason))
+    def __init__(
+        self, names: TokenNames, prompts: list[PromptInput], logprobs: int | None = None, echo: bool = False
+    ) -> None:
+        super().__init__(names, prompts)
+        self.logprobs, self.echo = logprobs, echo
+        self._offsets = [0] * len(prompts)  # per choice: where the next token's text starts
+        self._opened = [False] * len(prompts)  # per choice: the echoed prompt has been sent
+
+    def answer(self, done: list[Completion], model: str) -> CompletionResponse:
+        choices = []
+        for index, one in enumerate(done):
+            prefix = self.prompts[index].text if self.echo else ""
+            scores = self._scores(index, one.prompt_logprobs, one.logprobs)
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=prefix + one.text,
+                    finish_reason=finish_reason(one.finish_reason),
+                    logprobs=scores,
+                )
+            )
         return CompletionResponse(
             id=self.new_id(),
             created=int(time.time()),
             model=model,
-            choices=[choice],
-            usage=usage(done.prompt_tokens, done.completion_tokens),
+            choices=choices,
+            usage=usage(sum(d.prompt_tokens for d in done), sum(d.completion_tokens for d in done)),
         )
 
-    def piece(self, text: str, reason: str | None = None) -> dict[str, Any]:
-        return {"text": text, "finish_reason": reason}
+    def piece(self, index: int, delta: TextDelta | None, reason: str | None = None) -> dict[str, Any]:
+        if delta is None:
+            return {"index": index, "text": "", "finish_reason": reason}
+        text, prompt_scores = delta.text, None
+        if self.echo and not self._opened[index]:
+            self._opened[index] = True
+            text, prompt_scores = self.prompts[index].text + text, delta.prompt_logprobs
+        scores = self._scores(index, prompt_scores, delta.logprobs)
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": None if scores is None else scores.model_dump(),
+            "finish_reason": None,
+        }
+
+    def _scores(
+        self, index: int, prompt_scores: list[TokenLogprob | None] | None, generated: list[TokenLogprob]
+    ) -> CompletionLogprobs | None:
+        """OpenAI's legacy logprobs for the echoed prompt's tokens (when given) and the generated ones."""
+        if self.logprobs is None:
+            return None
+        out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        prompt_ids = self.prompts[index].ids
+        entries: list[tuple[int, TokenLogprob | None]] = []
+        if prompt_scores is not None:
+            entries.extend(zip(prompt_ids, prompt_scores, strict=True))
+        entries.extend((s.token_id, s) for s in generated)
+        for token_id, score in entries:
+            text = self.names.text(token_id)
+            out.tokens.append(text)
+            out.text_offset.append(self._offsets[index])
+            self._offsets[index] += self.names.width(token_id)
+            if score is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(score.logprob)
+            best = {self.names.text(t): v for t, v in score.top}
+            best.setdefault(text, score.logprob)  # the token itself, as OpenAI's legacy shape lists it
+            out.top_logprobs.append(best)
+        return out
 
 
 def _sse(payload: dict[str, Any] | str) -> str:

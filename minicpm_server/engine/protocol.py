@@ -104,6 +104,8 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, when asked
 
 
 @dataclass

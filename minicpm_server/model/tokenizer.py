@@ -52,6 +52,7 @@ class Tokenizer(Protocol):
     eos_token_id: int
     chat_template: str | None
     source: Path  # the file the ids come from
+    vocab_size: int
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` with BOS in front, as the model saw its prompts in training."""

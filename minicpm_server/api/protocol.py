@@ -339,6 +339,11 @@ class CompletionRequest(OpenAIFields):
                 raise PydanticCustomError(
                     "mixed_prompt", "a prompt list holds strings, token ids, or lists of token ids, not a mix"
                 )
+            empty = next((i for i, item in enumerate(value) if item == []), None)
+            if empty is not None:
+                raise PydanticCustomError(
+                    "empty_prompt", "prompt[{index}] is an empty list of token ids", {"index": empty}
+                )
         return value
 
     def unsupported(self) -> tuple[str, str] | None:

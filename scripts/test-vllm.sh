@@ -38,4 +38,4 @@ if [ -z "${MINICPM_REAL_TOKENIZER:-}" ] && [ -f "$shared_tokenizer/tokenizer.mod
   export MINICPM_REAL_TOKENIZER="$shared_tokenizer"
 fi
 # Only the modules with vLLM tests: the rest need test tools this venv does not install.
-"$VENV/bin/python" -m pytest -q -m vllm tests/test_backends.py "$@"
+"$VENV/bin/python" -m pytest -q -m vllm tests/test_backends.py tests/test_logprobs.py "$@"

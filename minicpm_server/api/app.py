@@ -150,7 +150,9 @@ def openai_routes() -> APIRouter:
     @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=errors)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await _openai_generation(
-            request, body, lambda names, prompts: ChatFormat(names, prompts, logprobs=body.logprobs)
+            request,
+            body,
+            lambda names, prompts: ChatFormat(names, prompts, body.logprobs, body if body.calls_tools else None),
         )
 
     @router.post("/completions", response_model=CompletionResponse, responses=errors)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 from minicpm_server.api.protocol import UNSUPPORTED, InvalidRequest
+from minicpm_server.engine.grammar import ConstraintError
 from minicpm_server.engine.protocol import ContextOverflowError, EngineError, EngineUnavailableError, QueueFullError
 
 log = logging.getLogger("minicpm_server")
@@ -107,6 +108,8 @@ def as_api_error(exc: Exception) -> APIError | None:
         return APIError(400, str(exc), param=exc.field, code="context_length_exceeded")
     if isinstance(exc, InvalidRequest):
         return APIError(400, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, ConstraintError):
+        return APIError(400, str(exc), param=exc.param, code="invalid_constraint")
     if isinstance(exc, QueueFullError):
         return APIError(429, f"server busy: {exc}; retry shortly", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, EngineUnavailableError):
@@ -174,7 +177,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # Nobody reads this answer; 499 ("client closed request") makes the log line say what happened.
         return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}}, status_code=499)
 
-    for cls in (APIError, InvalidRequest, ContextOverflowError, QueueFullError, EngineUnavailableError, EngineError):
+    known = (APIError, InvalidRequest, ConstraintError, ContextOverflowError, QueueFullError, EngineUnavailableError)
+    for cls in (*known, EngineError):
         app.add_exception_handler(cls, _known)
 
     @app.exception_handler(Exception)

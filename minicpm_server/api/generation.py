@@ -47,7 +47,7 @@ class PreparedRequest:
 def prepare(engine: Engine, body: GenerationBody) -> list[PreparedRequest]:
     """Render, tokenize and convert a generation body (LegacyChatRequest, ChatCompletionRequest, ...)."""
     return [
-        PreparedRequest(body.to_generation_request(prompt.ids, engine.context_window), prompt)
+        PreparedRequest(engine.prepare(body.to_generation_request(prompt.ids, engine.context_window)), prompt)
         for prompt in body.prompts(engine.tokenizer)
     ]
 

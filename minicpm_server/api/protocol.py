@@ -20,7 +20,14 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from minicpm_server.engine.protocol import MAX_LOGPROBS, GenerationRequest, SamplingParams
+from minicpm_server.api.structured import (
+    _constrains,
+    chat_turns,
+    requested_constraint,
+    tool_choice_problem,
+    tool_constraint,
+)
+from minicpm_server.engine.protocol import MAX_LOGPROBS, Constraint, GenerationRequest, SamplingParams
 from minicpm_server.model import chat
 from minicpm_server.model.tokenizer import Tokenizer
 
@@ -211,12 +218,99 @@ class TextPart(StrictModel):
     text: Text
 
 
+class FunctionCallIn(StrictModel):
+    name: Text
+    arguments: Text = Field(description="The arguments as a JSON string, as the server returned them.")
+
+
+class ToolCallIn(StrictModel):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatCompletionMessage(StrictModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text | list[TextPart] = Field(description="A string, or text parts (joined).")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = Field(
+        description="A string, or text parts (joined); null only on an assistant turn that called tools."
+    )
+    name: Text | None = Field(None, description="Accepted; a tool message's function name is shown to the model.")
+    tool_calls: list[ToolCallIn] | None = Field(None, description="An assistant turn's tool calls.")
+    tool_call_id: Text | None = Field(None, description="A tool message: the call it answers.")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise unsupported("content", "null only on an assistant message with tool_calls")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise unsupported("tool_calls", "only an assistant message carries tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+JsonValue = dict[str, Any]
+
+
+class JsonSchemaFormat(StrictModel):
+    name: Annotated[Text, Field(max_length=64)] = "response"
+    description: Text | None = None
+    schema_: JsonValue | None = Field(None, alias="schema", description="The JSON schema the answer must satisfy.")
+    strict: bool | None = Field(None, description="Accepted: answers always follow the schema.")
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise unsupported("response_format.json_schema", "required with type json_schema, and only then")
+        return self
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's `structured_outputs` extension: exactly one of these."""
+
+    json_: JsonValue | Text | None = Field(None, alias="json", description="A JSON schema (object or its text).")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1, max_length=1024)] | None = None
+    grammar: Text | None = Field(None, description="An EBNF grammar (xgrammar's dialect, as vLLM's).")
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [n for n in ("json_", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise unsupported("structured_outputs", "give exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+
+class FunctionDef(StrictModel):
+    name: Annotated[Text, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: JsonValue | None = Field(None, description="A JSON schema of the arguments.")
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolChoiceFunction(StrictModel):
+    name: Text
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class StreamOptions(StrictModel):
@@ -239,6 +333,12 @@ class OpenAIFields(SamplingFields):
     metadata: dict[str, Text] | None = Field(None, description="Accepted and ignored.")
     store: bool | None = Field(None, description="Accepted and ignored: nothing is stored.")
     service_tier: Text | None = Field(None, description="Accepted and ignored.")
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the answer is JSON that parses (and validates), by construction."
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's extension: json, regex, choice, grammar (EBNF) or json_object."
+    )
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -248,10 +348,16 @@ class OpenAIFields(SamplingFields):
             raise unsupported(*problem)
         return self
 
+    def constraint(self) -> Constraint | None:
+        """What response_format or structured_outputs asks the answer to be (None: free text)."""
+        return requested_constraint(self.response_format, self.structured_outputs)
+
     def unsupported(self) -> tuple[str, str] | None:
         """The first field set to something we cannot do, with why."""
         if self.n != 1:
             return "n", "only n=1 is supported"
+        if self.structured_outputs is not None and _constrains(self.response_format):
+            return "structured_outputs", "give either response_format or structured_outputs, not both"
         if self.logit_bias:
             return "logit_bias", "not supported"
         if self.stream_options is not None and not self.stream:
@@ -262,35 +368,44 @@ class OpenAIFields(SamplingFields):
 class ChatCompletionRequest(RenderedPrompt, OpenAIFields):
     messages: list[ChatCompletionMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: Any = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"required" or a named function: the answer is a call, constrained to its schema.'
+    )
+    functions: list[dict[str, Any]] | None = Field(None, description="Deprecated by OpenAI: use tools.")
+    function_call: Any = Field(None, description="Deprecated by OpenAI: use tool_choice.")
     logprobs: bool = Field(False, description="Return each answer token's log-probability.")
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many most likely tokens at each position."
     )
-    response_format: dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored: no tools are called.")
+    parallel_tool_calls: bool | None = Field(
+        None, description='With tool_choice "required": false allows exactly one call (default: one or more).'
+    )
     reasoning_effort: Text | None = Field(None, description="Accepted and ignored: MiniCPM-2B does not reason apart.")
     modalities: list[Text] | None = Field(None, description='Only ["text"].')
 
     def unsupported(self) -> tuple[str, str] | None:
-        for name in ("tools", "functions", "function_call"):
+        for name in ("functions", "function_call"):
             if getattr(self, name) not in (None, []):
-                return name, "tool and function calling are not supported by MiniCPM-2B"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice", "tool and function calling are not supported by MiniCPM-2B"
+                return name, "deprecated function calling is not supported: send tools and tool_choice"
+        problem = tool_choice_problem(self.tools, self.tool_choice)
+        if problem is not None:
+            return problem
+        if self.calls_tools and (self.structured_outputs is not None or _constrains(self.response_format)):
+            return "tool_choice", "a tool call is already structured: drop response_format or structured_outputs"
         if self.modalities not in (None, ["text"]):
             return "modalities", 'only ["text"] is supported'
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "only allowed when logprobs is true"
-        if self.response_format is not None and self.response_format != {"type": "text"}:
-            return "response_format", "only {'type': 'text'} is supported"
         return super().unsupported()
 
+    @property
+    def calls_tools(self) -> bool:
+        """The answer is a tool call: tool_choice names a function or says "required"."""
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
+
     def prompt_text(self, tokenizer: Tokenizer) -> str:
-        return chat.render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in self.messages])
+        return chat.render_chat(tokenizer, chat_turns(self.messages))
 
     def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
         """Budget: max_completion_tokens, else max_tokens, else the rest of the window; stops at turn markers."""
@@ -300,10 +415,14 @@ class ChatCompletionRequest(RenderedPrompt, OpenAIFields):
             [("max_completion_tokens", self.max_completion_tokens), ("max_tokens", self.max_tokens)],
             "max_tokens",
         )
-        stops = (*_stop_list(self.stop), *chat.TURN_MARKERS)
-        params = self.sampling_params(budget, stops)
-        if self.logprobs:
-            params = replace(params, logprobs=self.top_logprobs or 0)
+        constraint = tool_constraint(self) if self.calls_tools else self.constraint()
+        # A grammar decides where a structured answer ends; a turn marker inside a JSON string is text.
+        markers = () if constraint is not None else chat.TURN_MARKERS
+        params = replace(
+            self.sampling_params(budget, (*_stop_list(self.stop), *markers)),
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            constraint=constraint,
+        )
         return GenerationRequest(prompt_ids, params, field)
 
 
@@ -386,6 +505,7 @@ class CompletionRequest(OpenAIFields):
             self.sampling_params(budget, _stop_list(self.stop)),
             logprobs=self.logprobs,
             prompt_logprobs=self.logprobs if self.echo else None,
+            constraint=self.constraint(),
         )
         return GenerationRequest(prompt_ids, params, field)
 
@@ -402,9 +522,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON object's text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -424,7 +556,7 @@ class ChatLogprobs(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChatLogprobs | None = None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from minicpm_server.api.errors import error_payload
 from minicpm_server.api.protocol import (
     ChatChoice,
+    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
     ChatMessageOut,
@@ -26,9 +27,11 @@ from minicpm_server.api.protocol import (
     LegacyChatResponse,
     PromptInput,
     TokenLogprobOut,
+    ToolCallOut,
     TopLogprob,
     Usage,
 )
+from minicpm_server.api.structured import tool_calls_from
 from minicpm_server.engine.protocol import Completion, Finished, TextDelta, TokenLogprob
 from minicpm_server.model.tokenizer import Tokenizer
 
@@ -123,6 +126,10 @@ class OpenAIFormat:
         """One choice of a chunk: the delta's text (and log-probabilities), or the finish."""
         raise NotImplementedError
 
+    def closing(self, index: int, reason: str) -> list[dict[str, Any]]:
+        """The choices that end a choice's stream (the finish, and whatever must come before it)."""
+        return [self.piece(index, None, reason)]
+
     def new_id(self) -> str:
         return f"{self.id_prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -146,7 +153,8 @@ class OpenAIFormat:
                 if isinstance(event, TextDelta):
                     yield chunk(self.piece(index, event))
                     continue
-                yield chunk(self.piece(index, None, finish_reason(event.reason)))
+                for choice in self.closing(index, finish_reason(event.reason)):
+                    yield chunk(choice)
                 totals[0] += event.prompt_tokens
                 totals[1] += event.completion_tokens
             if include_usage:
@@ -160,15 +168,28 @@ class ChatFormat(OpenAIFormat):
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, names: TokenNames, prompts: list[PromptInput], logprobs: bool = False) -> None:
+    def __init__(
+        self,
+        names: TokenNames,
+        prompts: list[PromptInput],
+        logprobs: bool = False,
+        tool_request: ChatCompletionRequest | None = None,
+    ) -> None:
         super().__init__(names, prompts)
         self.logprobs = logprobs
+        self.tool_request = tool_request  # set when the answer is a tool call (api/structured.py)
+        self._named_call: dict[str, Any] | None = None  # the streamed call of a named tool_choice
+        self._buffer: list[str] = []  # a "required" answer, parsed when it ends
 
     def answer(self, done: list[Completion], model: str) -> ChatCompletionResponse:
         (one,) = done
+        message, reason = ChatMessageOut(content=one.text), finish_reason(one.finish_reason)
+        calls = self._tool_calls(one.text, reason)
+        if calls is not None:
+            message, reason = ChatMessageOut(content=None, tool_calls=[ToolCallOut(**c) for c in calls]), "tool_calls"
         choice = ChatChoice(
-            message=ChatMessageOut(content=one.text),
-            finish_reason=finish_reason(one.finish_reason),
+            message=message,
+            finish_reason=reason,
             logprobs=ChatLogprobs(content=self._entries(one.logprobs)) if self.logprobs else None,
         )
         return ChatCompletionResponse(
@@ -188,16 +209,55 @@ class ChatFormat(OpenAIFormat):
             for s in scores
         ]
 
+    def _tool_calls(self, text: str, reason: str) -> list[dict[str, Any]] | None:
+        """The answer as tool calls, or None: no tool was asked for, or max_tokens cut the call
+        (then the partial text is the content, with finish_reason "length")."""
+        if self.tool_request is None or reason == "length":
+            return None
+        try:
+            return tool_calls_from(text, self.tool_request)
+        except ValueError:
+            return None
+
     def opening_chunk(self) -> dict[str, Any]:
-        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""}
+        choice = self.tool_request.tool_choice if self.tool_request is not None else None
+        if choice is not None and choice != "required":  # a named call streams its arguments as they come
+            self._named_call = _call_header(choice.function.name)
+            delta = {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **self._named_call}]}
+        return {"index": 0, "delta": delta, "finish_reason": None}
 
     def piece(self, index: int, delta: TextDelta | None, reason: str | None = None) -> dict[str, Any]:
         if delta is None:
             return {"index": index, "delta": {}, "finish_reason": reason}
-        choice: dict[str, Any] = {"index": index, "delta": {"content": delta.text}, "finish_reason": None}
+        content: dict[str, Any] = {"content": delta.text}
+        if self._named_call is not None:
+            content = {"tool_calls": [{"index": 0, "function": {"arguments": delta.text}}]}
+        elif self.tool_request is not None:  # "required": the calls are known when the list is complete
+            self._buffer.append(delta.text)
+            content = {}
+        choice: dict[str, Any] = {"index": index, "delta": content, "finish_reason": None}
         if self.logprobs:
             choice["logprobs"] = {"content": [e.model_dump() for e in self._entries(delta.logprobs)]}
         return choice
+
+    def closing(self, index: int, reason: str) -> list[dict[str, Any]]:
+        if self.tool_request is None:
+            return [self.piece(index, None, reason)]
+        if self._named_call is not None:
+            return [self.piece(index, None, "tool_calls" if reason != "length" else reason)]
+        text = "".join(self._buffer)
+        calls = self._tool_calls(text, reason)
+        if calls is None:  # cut by max_tokens: the partial text, as content
+            return [
+                {"index": index, "delta": {"content": text}, "finish_reason": None},
+                self.piece(index, None, reason),
+            ]
+        deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+        return [
+            {"index": index, "delta": {"tool_calls": deltas}, "finish_reason": None},
+            self.piece(index, None, "tool_calls"),
+        ]
 
 
 class CompletionFormat(OpenAIFormat):
@@ -279,3 +339,8 @@ class CompletionFormat(OpenAIFormat):
 def _sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"
+
+
+def _call_header(name: str) -> dict[str, Any]:
+    """A streamed tool call's first delta: its id, type and name, with no arguments yet."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": ""}}

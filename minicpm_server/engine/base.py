@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from minicpm_server.engine.handle import Event, emit_all
-from minicpm_server.engine.protocol import EngineStats, FaultKind, Finished, QueueFullError
+from minicpm_server.engine.protocol import EngineStats, FaultKind, Finished, GenerationRequest, QueueFullError
 
 if TYPE_CHECKING:
     from minicpm_server.engine.handle import QueueHandle
@@ -58,6 +58,15 @@ class EngineBase:
         self._armed_fault: BaseException | None = None
 
     # ----------------------------------------------------------------- admission
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Off the event loop: check the request's constraint compiles (a 400 otherwise). A backend
+        that compiles grammars itself overrides this and attaches the compiled one."""
+        if request.params.constraint is not None:
+            from minicpm_server.engine.grammar import to_grammar
+
+            to_grammar(request.params.constraint)
+        return request
 
     def check_queue(self, waiting: int) -> None:
         """429 for a request that would be one more than --max-queue waiting for a row."""

@@ -33,6 +33,7 @@ class QueueHandle:
         self.id = next(_ids)
         self.prompt_ids = request.prompt_ids
         self.params = request.params
+        self.grammar = request.grammar  # the backend's compiled constraint, if any
         self.cancelled = False
         self._on_cancel = on_cancel
         self._loop = asyncio.get_running_loop()

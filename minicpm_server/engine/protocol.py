@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from minicpm_server.model.tokenizer import Tokenizer
 
@@ -26,6 +26,19 @@ DEFAULT_TOP_P = 0.8
 DEFAULT_REPETITION_PENALTY = 1.02
 
 FaultKind = Literal["oom", "fatal"]
+
+
+ConstraintKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a structured answer must be (engine/grammar.py): `json` a JSON schema's text, `regex`,
+    `choice` a JSON list of strings, `grammar` EBNF; `param` is the request field it came from."""
+
+    kind: ConstraintKind
+    value: str = ""
+    param: str = "response_format"
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # per generated token: its log-probability and this many alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo, scoring)
+    constraint: Constraint | None = None  # structured output: the answer stays inside this grammar
 
     @property
     def greedy(self) -> bool:
@@ -60,6 +74,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     budget_field: str = "max_tokens"  # the request field that set max_new_tokens, named in errors
+    grammar: Any = None  # the backend's compiled form of params.constraint, made by Engine.prepare
 
     @property
     def prompt_tokens(self) -> int:
@@ -202,6 +217,12 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     def start(self) -> None: ...
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Work a request needs before it is submitted that is too slow for the event loop (compiling
+        its grammar); called on a worker thread. Raises ConstraintError for a constraint that
+        cannot be compiled."""
+        ...
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         """Queue a request. Raises ContextOverflowError, QueueFullError or EngineUnavailableError."""

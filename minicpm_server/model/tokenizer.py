@@ -71,6 +71,11 @@ class Tokenizer(Protocol):
         """One token's own bytes: a byte-fallback token's single byte, any other its text's UTF-8."""
         ...
 
+    def grammar_vocabulary(self) -> tuple[list[str], bool]:
+        """Every token as a grammar engine reads it (the raw piece; "" for control and unknown
+        tokens, which are then never allowed), and whether single bytes are pieces of their own."""
+        ...
+
     def encode_with_control_tokens(self, text: str) -> list[int]:
         """Ids of `text` where a control token's name ("<s>", "</s>") written in it stands for
         that token (as Hugging Face tokenizers read text); no BOS is added. Only /tokenize reads
@@ -114,6 +119,11 @@ class SentencePieceTokenizer:
             return bytes([int(self._sp.id_to_piece(token_id)[1:-1], 16)])  # "<0xE4>"
         return self.token_text(token_id).encode("utf-8")
 
+    def grammar_vocabulary(self) -> tuple[list[str], bool]:
+        sp = self._sp
+        pieces = ["" if sp.is_control(i) or sp.is_unknown(i) else sp.id_to_piece(i) for i in range(self.vocab_size)]
+        return pieces, any(sp.is_byte(i) for i in range(self.vocab_size))
+
     def encode_with_control_tokens(self, text: str) -> list[int]:
         if self._controls is None:
             self._controls = {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)}
@@ -156,6 +166,14 @@ class TokenizerJsonTokenizer:
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             return bytes([int(piece[3:5], 16)])
         return self.token_text(token_id).encode("utf-8")
+
+    def grammar_vocabulary(self) -> tuple[list[str], bool]:
+        special = {a.content for a in self._tok.get_added_tokens_decoder().values() if a.special}
+        pieces = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i) or ""
+            pieces.append("" if piece in special else piece)
+        return pieces, any(len(p) == 6 and p.startswith("<0x") and p.endswith(">") for p in pieces)
 
     def encode_with_control_tokens(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids  # the library reads special tokens' names

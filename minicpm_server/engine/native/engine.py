@@ -44,12 +44,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from minicpm_server.engine.base import EngineBase, describe_failure
+from minicpm_server.engine.grammar import GrammarCompiler
 from minicpm_server.engine.handle import Event, Failed, QueueHandle
 from minicpm_server.engine.native.blocks import BlockPool, blocks_for
 from minicpm_server.engine.native.budget import GIB, KvShape, pool_blocks
@@ -147,6 +148,8 @@ class NativeEngine(EngineBase):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._released_since_busy = True
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     # ----------------------------------------------------------------- public, any thread
 
@@ -201,6 +204,19 @@ class NativeEngine(EngineBase):
 
     def kill_for_test(self) -> None:
         self.arm_fault(EngineKilled("injected fatal fault"))
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Compile the request's constraint against our vocabulary (cached), off the engine thread:
+        a new schema can take a second to compile, which would stall every running row."""
+        if request.params.constraint is None:
+            return request
+        return replace(request, grammar=self._grammar_compiler().compile(request.params.constraint))
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        with self._grammar_lock:  # made on first use: building it reads the whole vocabulary
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_id)
+            return self._grammars
 
     def submit(self, request: GenerationRequest) -> QueueHandle:
         """Queue a request; call from the event loop that will read its events."""
@@ -273,7 +289,9 @@ class NativeEngine(EngineBase):
     def _new_sequence(self, admission: Admission) -> Sequence:
         handle = admission.handle
         output = TokenOutput(self.tokenizer, handle.params, handle.prompt_tokens, self.eos_token_id)
-        return Sequence(handle, output, admission.table, list(handle.prompt_ids), computed=admission.cached)
+        matcher = None if handle.grammar is None else self._grammar_compiler().matcher(handle.grammar)
+        table, tokens = admission.table, list(handle.prompt_ids)
+        return Sequence(handle, output, table, tokens, computed=admission.cached, matcher=matcher)
 
     def _accept_tokens(self, batch: Batch, logits: torch.Tensor) -> None:
         """Sample each row's new token, record it, turn it into text, and decide whether the row is done."""
@@ -284,8 +302,19 @@ class NativeEngine(EngineBase):
         for seq, token, score in zip(batch.seqs, tokens.tolist(), scores, strict=True):
             seq.tokens.append(token)
             step = seq.output.end("cancelled") if seq.handle.cancelled else seq.output.push(token, score)
+            if seq.matcher is not None and not seq.output.done:
+                step += self._follow_grammar(seq, token)
             events.extend((seq.handle, event) for event in step)
         self.emit(events)
+
+    @staticmethod
+    def _follow_grammar(seq: Sequence, token: int) -> list[Event]:
+        """Advance the row's grammar; a complete grammar that allows nothing more (EOS ignored,
+        say) ends the answer."""
+        if not seq.matcher.accept_token(token):  # the mask allowed it, so this is a bug: end, never loop
+            log.error("grammar refused token %d that its own mask allowed; ending the answer", token)
+            return list(seq.output.end("stop"))
+        return list(seq.output.end("stop")) if seq.matcher.is_terminated() else []
 
     def _drop_finished(self) -> None:
         if self.scheduler.drop_finished() and self.empty_cache == "always":

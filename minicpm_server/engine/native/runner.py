@@ -150,6 +150,8 @@ class ModelRunner:
             lean=lean,
         )
         self.forward = self.decode.forward  # transformers' forward over the cache: every prefill runs it
+        self.max_batch = max_batch
+        self._bitmask: torch.Tensor | None = None  # grammar masks, one row per batch row (engine/grammar.py)
         self.shared_generator = torch.Generator(device=self.device)
         if seed is not None:
             self.shared_generator.manual_seed(seed)
@@ -218,8 +220,27 @@ class ModelRunner:
         return logits
 
     def sample(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Each row's next token from its logits, with its own sampling parameters."""
-        return sample_next_tokens(logits.float(), batch.seen, batch.sampling, self.shared_generator, batch.counts)
+        """Each row's next token from its logits, with its own sampling parameters; a constrained
+        row only from the tokens its grammar allows next."""
+        logits = logits.float()
+        constrained = [i for i, seq in enumerate(batch.seqs) if seq.matcher is not None]
+        if constrained:
+            logits = self._mask_to_grammars(logits, batch, constrained)
+        return sample_next_tokens(logits, batch.seen, batch.sampling, self.shared_generator, batch.counts)
+
+    def _mask_to_grammars(self, logits: torch.Tensor, batch: Batch, rows: list[int]) -> torch.Tensor:
+        """A copy of the logits where each constrained row's disallowed tokens are -inf (the raw
+        logits stay as they are: log-probabilities are the model's own). Free rows pay nothing."""
+        import xgrammar as xgr
+
+        if self._bitmask is None or self._bitmask.shape[0] < len(batch.seqs):
+            self._bitmask = xgr.allocate_token_bitmask(max(len(batch.seqs), self.max_batch), self.vocab_size)
+        for row in rows:
+            batch.seqs[row].matcher.fill_next_token_bitmask(self._bitmask, row)
+        masked = logits.clone()
+        bitmask = self._bitmask[: len(batch.seqs)].to(logits.device, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(masked, bitmask, vocab_size=self.vocab_size, indices=rows)
+        return masked
 
     def logprobs(self, logits: torch.Tensor, batch: Batch, tokens: torch.Tensor) -> list[TokenLogprob | None]:
         """The sampled tokens' log-probabilities for the rows that asked; None for the others."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from minicpm_server.engine.handle import QueueHandle
 from minicpm_server.engine.native.blocks import BlockPool
@@ -34,6 +34,7 @@ class Sequence:
     tokens: list[int]  # prompt, then generated ids: the content of `table`'s slots
     computed: int = 0  # tokens whose keys and values are in the cache
     digests: list[bytes] = field(default_factory=list)  # prefix-index chain of its full blocks
+    matcher: Any = None  # xgrammar's matcher of a constrained request: which tokens may come next
 
 
 @dataclass

@@ -47,6 +47,7 @@ from minicpm_server.api.protocol import (
 )
 from minicpm_server.api.responses import ChatFormat, CompletionFormat, LegacyFormat, OpenAIFormat, TokenNames
 from minicpm_server.api.service import ModelService
+from minicpm_server.api.structured import chat_turns
 from minicpm_server.engine.protocol import DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from minicpm_server.model import chat
 from minicpm_server.settings import Settings
@@ -210,7 +211,7 @@ def _tokenize(tokenizer: Tokenizer, body: TokenizeRequest) -> list[int]:
     """Text reads control tokens' names ("</s>" is EOS, as in Hugging Face tokenizers and vLLM);
     messages are rendered and encoded exactly as a chat prompt is (there "</s>" stays text)."""
     if body.messages is not None:
-        text = chat.render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        text = chat.render_chat(tokenizer, chat_turns(body.messages))
         ids = tokenizer.encode(text)
         return ids if body.add_special_tokens is not False else ids[1:]
     assert body.prompt is not None

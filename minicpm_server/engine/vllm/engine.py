@@ -3,9 +3,12 @@
 vLLM runs in-process as an `AsyncLLM` on an event loop of its own, on its own thread, the way the
 native engine owns a thread: the server's loop never waits on vLLM, and events come back through
 the same handles (engine/handle.py). What crosses the seam is token ids only. vLLM is started
-without a tokenizer (`skip_tokenizer_init`): prompts arrive as ids from our sentencepiece
-tokenizer, and generated ids leave through our `TokenOutput`, so text, stop strings, EOS handling
-and `usage` are exactly the native backend's. A stop string ends the vLLM request early by
+with the copy's tokenizer only for what vLLM's structured outputs need (xgrammar reads its
+vocabulary: the same pieces, id for id, as our sentencepiece model, which a test checks); it never
+tokenizes or detokenizes: prompts arrive as ids from our sentencepiece tokenizer, and generated
+ids leave through our `TokenOutput` (`detokenize=False`), so text, stop strings, EOS handling and
+`usage` are exactly the native backend's. A constraint goes to vLLM's own structured outputs
+(xgrammar, compact JSON as on the native engine). A stop string ends the vLLM request early by
 closing its stream, which aborts it inside vLLM; so does a cancelled handle.
 
 vLLM loads the Granite-format copy of the checkpoint (model/export.py): no remote code runs.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -26,6 +30,7 @@ from minicpm_server.engine.base import EngineBase, describe_failure
 from minicpm_server.engine.handle import Event, Failed, QueueHandle
 from minicpm_server.engine.output import TokenOutput
 from minicpm_server.engine.protocol import (
+    Constraint,
     EngineError,
     EngineStats,
     EngineUnavailableError,
@@ -79,9 +84,27 @@ def vllm_sampling_params(params: SamplingParams, eos_token_id: int) -> Any:
         ignore_eos=params.ignore_eos,
         stop_token_ids=[] if params.ignore_eos else [eos_token_id],
         detokenize=False,
+        structured_outputs=vllm_structured_outputs(params.constraint),
         skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def vllm_structured_outputs(constraint: Constraint | None) -> Any:
+    """A constraint in vLLM's terms, compiled by vLLM's xgrammar exactly as engine/grammar.py
+    compiles it on the native engine (compact JSON; a JSON object as the schema {"type": "object"})."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind in ("json", "json_object"):
+        schema = constraint.value if constraint.kind == "json" else '{"type": "object"}'
+        return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    if constraint.kind == "regex":
+        return StructuredOutputsParams(regex=constraint.value)
+    if constraint.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(constraint.value))
+    return StructuredOutputsParams(grammar=constraint.value)
 
 
 def to_token_logprob(token: int, table: dict[int, Any], top: int) -> TokenLogprob:
@@ -239,7 +262,7 @@ class VllmEngine(EngineBase):
         configure_cpu_environment(o)
         args = AsyncEngineArgs(
             model=str(self.model_dir),
-            skip_tokenizer_init=True,
+            skip_tokenizer_init=False,  # xgrammar needs the vocabulary; vLLM never tokenizes (ids in, ids out)
             trust_remote_code=False,
             generation_config="vllm",  # our defaults, not generation_config.json's
             dtype=o.dtype,

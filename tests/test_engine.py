@@ -37,7 +37,7 @@ def long_loaded(long_dir):
 
 
 def ids_for(loaded, prompt: str) -> list[int]:
-    return chat.encode_prompt(loaded.tokenizer, chat.render_chat(loaded.tokenizer, chat.conversation(prompt)))
+    return loaded.tokenizer.encode(chat.render_chat(loaded.tokenizer, chat.conversation(prompt)))
 
 
 def run(loaded, coro_fn, **engine_kwargs):

@@ -26,7 +26,7 @@ def converse(loaded, **engine_kwargs):  # noqa: F811
         history, answers, prefilled = [], [], []
         for question in QUESTIONS:
             messages = chat.conversation(question, history)
-            ids = chat.encode_prompt(loaded.tokenizer, chat.render_chat(loaded.tokenizer, messages))
+            ids = loaded.tokenizer.encode(chat.render_chat(loaded.tokenizer, messages))
             before = engine.kv_stats.prefilled_tokens
             answer = (await result(engine.submit(GenerationRequest(ids, greedy(24))))).text
             prefilled.append((len(ids), engine.kv_stats.prefilled_tokens - before))

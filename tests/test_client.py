@@ -12,7 +12,7 @@ import requests
 
 import client
 from minicpm_server.model.tiny import build_tiny_checkpoint
-from tests.conftest import REPO, free_port
+from tests.harness import REPO, free_port
 
 SMALL_WINDOW = 256
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from minicpm_server.model.checkpoint import load_checkpoint
-from tests.test_engine import PROMPTS, greedy, loaded, result, run, submit  # noqa: F401 - `loaded` is a fixture
+from tests.harness import PROMPTS, greedy, result, run, submit
 
 
-def answers(loaded, **engine_kwargs):  # noqa: F811
+def answers(loaded, **engine_kwargs):
     """Each prompt alone, then all together (batch buckets 2 and 4, padding rows included)."""
 
     async def body(engine):
@@ -31,7 +31,7 @@ def test_compiled_decode_answers_as_eager(tiny_dir) -> None:
     assert alone == eager_alone and together == eager_together
 
 
-def test_a_failing_compiled_step_falls_back_to_eager(loaded) -> None:  # noqa: F811
+def test_a_failing_compiled_step_falls_back_to_eager(loaded) -> None:
     def broken(*args):
         raise RuntimeError("compiler exploded")
 

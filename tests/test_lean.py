@@ -14,7 +14,7 @@ from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.packed import MIN_HIDDEN_SIZE, PackedLinear, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.model.checkpoint import load_checkpoint
-from tests.test_engine import PROMPTS, greedy, result, run, submit
+from tests.harness import PROMPTS, greedy, result, run, submit
 
 BLOCK = 16
 needs_packing = pytest.mark.skipif(

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from minicpm_server.model.checkpoint import inspect_checkpoint, load_tokenizer
-from tests.conftest import HOLD_TOKENS, long_generation, metric, wait_for_metric
+from tests.harness import HOLD_TOKENS, long_generation, metric, wait_for_metric
 
 
 @pytest.fixture(scope="module")

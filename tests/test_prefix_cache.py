@@ -9,7 +9,7 @@ import requests
 from minicpm_server.engine.native.blocks import BlockPool
 from minicpm_server.engine.protocol import GenerationRequest
 from minicpm_server.model import chat
-from tests.test_engine import greedy, loaded, result, run  # noqa: F401 - `loaded` is a fixture
+from tests.harness import greedy, result, run
 
 QUESTIONS = [
     "what is the river city of code and how are you " * 4,
@@ -19,7 +19,7 @@ QUESTIONS = [
 ]
 
 
-def converse(loaded, **engine_kwargs):  # noqa: F811
+def converse(loaded, **engine_kwargs):
     """Four greedy chat turns, each resending the whole history as chat clients do."""
 
     async def body(engine):
@@ -37,7 +37,7 @@ def converse(loaded, **engine_kwargs):  # noqa: F811
     return run(loaded, body, **engine_kwargs)
 
 
-def test_later_turns_reuse_the_history_and_answer_the_same(loaded) -> None:  # noqa: F811
+def test_later_turns_reuse_the_history_and_answer_the_same(loaded) -> None:
     cold_answers, cold, cold_stats = converse(loaded, prefix_caching=False)
     warm_answers, warm, warm_stats = converse(loaded, prefix_caching=True)
     assert warm_answers == cold_answers
@@ -51,7 +51,7 @@ def test_later_turns_reuse_the_history_and_answer_the_same(loaded) -> None:  # n
     assert cold_stats.prefix_hit_tokens == 0 and cold_stats.cached_prefix_tokens == 0
 
 
-def test_identical_prompts_share_blocks_while_running(loaded) -> None:  # noqa: F811
+def test_identical_prompts_share_blocks_while_running(loaded) -> None:
     ids = [1, *range(10, 80)]  # 71 tokens: 4 full blocks can be shared, the last token is computed
 
     async def body(engine):

@@ -24,7 +24,7 @@ from schemathesis.checks import (
 )
 
 from minicpm_server.model.tiny import build_tiny_checkpoint
-from tests.conftest import HOLD_TOKENS, long_generation, metric, wait_for_metric
+from tests.harness import HOLD_TOKENS, long_generation, metric, wait_for_metric
 
 SECRET = "PRIVATE-PROMPT-TEXT-9876"
 LEAKS = re.compile(r"Traceback|File \"|/root/|site-packages|\.py\"")
@@ -346,7 +346,7 @@ def test_public_interface_without_key_warns(start_server, tiny_dir) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import REPO, free_port
+    from tests.harness import REPO, free_port
 
     port = free_port()
     proc = subprocess.Popen(

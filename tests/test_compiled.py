@@ -14,7 +14,7 @@ def answers(loaded, **engine_kwargs):
     async def body(engine):
         alone = [(await result(submit(engine, loaded, p, greedy(24)))).text for p in PROMPTS]
         together = await asyncio.gather(*(result(submit(engine, loaded, p, greedy(24))) for p in PROMPTS[:3]))
-        return alone, [c.text for c in together], engine._decode.is_compiled
+        return alone, [c.text for c in together], engine.runner.decode.is_compiled
 
     return run(loaded, body, **engine_kwargs)
 
@@ -36,9 +36,9 @@ def test_a_failing_compiled_step_falls_back_to_eager(loaded) -> None:
         raise RuntimeError("compiler exploded")
 
     async def body(engine):
-        engine._decode.compiled = broken
+        engine.runner.decode.compiled = broken
         text = (await result(submit(engine, loaded, PROMPTS[0], greedy(12)))).text
-        return text, engine._decode.is_compiled
+        return text, engine.runner.decode.is_compiled
 
     async def reference(engine):
         return (await result(submit(engine, loaded, PROMPTS[0], greedy(12)))).text

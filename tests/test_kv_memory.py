@@ -39,7 +39,7 @@ def test_memory_in_use_never_exceeds_the_budget(short_loaded) -> None:
     samples: list[int] = []
 
     async def body(engine):
-        pool = engine._pool
+        pool = engine.scheduler.pool
         reserve = pool.reserve
 
         def watched(*args):  # the pool's use right after every reservation, successful or not
@@ -51,7 +51,7 @@ def test_memory_in_use_never_exceeds_the_budget(short_loaded) -> None:
         alone = [await result(engine.submit(r)) for r in reqs]
         together = await asyncio.gather(*(result(engine.submit(r)) for r in reqs))
         await until_running(engine, 0)  # a row's blocks go back just after its last event
-        return alone, together, engine.kv_stats, engine._cache
+        return alone, together, engine.kv_stats, engine.runner.cache
 
     alone, together, stats, cache = run(loaded, body, kv_cache_tokens=budget, max_batch=16)
     assert [c.text for c in together] == [c.text for c in alone]

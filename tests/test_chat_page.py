@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from minicpm_server.model.tiny import build_tiny_checkpoint
+from tests.harness import metric, wait_for_metric
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
@@ -54,12 +54,6 @@ def small_page_server(start_server, tmp_path_factory):
         tmp_path_factory.mktemp("ckpt") / "MiniCPM-small", "tiny", seed=0, max_position_embeddings=SMALL_WINDOW
     )
     return start_server("--model-path", path, "--device", "cpu", "--log-prompts")
-
-
-def metric(url: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", requests.get(url + "/metrics").text, re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
 
 
 def open_page(browser, url: str, **context_args):
@@ -141,17 +135,14 @@ def test_stop_button_cancels_on_the_server(browser, page_server) -> None:
     page.fill("#input", prompt)
     page.click("#send")
     page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 5")
-    assert metric(page_server.url, "minicpm_requests_running") == 1
-    cancelled = 'minicpm_requests_finished_total{reason="cancelled"}'
-    before = metric(page_server.url, cancelled)
+    assert metric(page_server.url, "minicpm_requests_running", required=True) == 1
+    cancelled = ("minicpm_requests_finished_total", 'reason="cancelled"')
+    before = metric(page_server.url, *cancelled, required=True)
     page.click("#stop")
     # Wait for the state, however slow the machine: the generation ended, and it ended cancelled
-    # (not by running its 900 tokens to the end). The timeout only stops a broken server hanging the suite.
-    deadline = time.monotonic() + 120
-    while metric(page_server.url, "minicpm_requests_running") > 0:
-        assert time.monotonic() < deadline, "the server kept generating after Stop"
-        time.sleep(0.05)
-    assert metric(page_server.url, cancelled) == before + 1
+    # (not by running its 900 tokens to the end).
+    wait_for_metric(page_server.url, "minicpm_requests_running", lambda running: running == 0)
+    assert metric(page_server.url, *cancelled, required=True) == before + 1
     page.wait_for_selector("#send:not([hidden])")
     assert "stopped" in page.locator(".msg.assistant .stats").inner_text()
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import requests
 
 from minicpm_server.engine.native.blocks import BlockPool
 from minicpm_server.engine.protocol import GenerationRequest
 from minicpm_server.model import chat
-from tests.harness import greedy, result, run
+from tests.harness import greedy, metric, result, run
 
 QUESTIONS = [
     "what is the river city of code and how are you " * 4,
@@ -90,10 +88,7 @@ def test_metrics_report_prefix_hits_and_kv_memory(server) -> None:
     """A chat's second turn resends the first: /metrics counts the prompt tokens reused."""
 
     def sample(name: str) -> float:
-        text = requests.get(server.url + "/metrics", timeout=30).text
-        found = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
-        assert found, f"{name} missing from /metrics"
-        return float(found.group(1))
+        return metric(server.url, name, required=True)
 
     capacity = sample("minicpm_kv_cache_capacity_tokens")
     assert capacity > 0 and 0 <= sample("minicpm_kv_cache_used_tokens") <= capacity

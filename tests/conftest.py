@@ -10,7 +10,7 @@ import pytest
 
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.tiny import build_tiny_checkpoint
-from tests.harness import LONG_WINDOW, ServerProcess, real_tokenizer_dir
+from tests.harness import LONG_WINDOW, SMALL_WINDOW, ServerProcess, real_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +63,11 @@ def long_server(start_server, long_dir: Path) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def window256_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with a 256-token window, so that a KV budget of one window is small."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "MiniCPM-short", "tiny", max_position_embeddings=256)
+    """The tiny model with a 256-token window (SMALL_WINDOW): a KV budget of one window is small, and
+    a conversation of a few long_question()s outgrows it."""
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "MiniCPM-short", "tiny", max_position_embeddings=SMALL_WINDOW
+    )
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +105,13 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 def server(start_server, tiny_dir: Path) -> ServerProcess:
     """The shared server on the tiny checkpoint, float32 on CPU."""
     return start_server("--model-path", tiny_dir, "--device", "cpu", "--max-batch", "16")
+
+
+@pytest.fixture(scope="session")
+def small_server(start_server, window256_dir: Path) -> ServerProcess:
+    """A server whose context window a short conversation outgrows; it logs prompts, so tests can
+    see which turns the model was sent (test_client.py, test_chat_page.py)."""
+    return start_server("--model-path", window256_dir, "--device", "cpu", "--log-prompts")
 
 
 @pytest.fixture(scope="session")

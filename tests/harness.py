@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 LONG_WINDOW = 65536
 HOLD_TOKENS = 60000
 
+# The window of conftest's window256_dir, which a few long_question()s outgrow.
+SMALL_WINDOW = 256
+
 # What an answer must never show a client: a traceback, source paths, the machine's directories.
 LEAKS = re.compile(r"Traceback|File \"|/root/|site-packages|\.py\"")
 
@@ -100,6 +103,14 @@ def real_tokenizer_dir() -> Path | None:
     by MINICPM_REAL_TOKENIZER, which scripts/test.sh points at the team's shared copy."""
     found = os.environ.get("MINICPM_REAL_TOKENIZER")
     return Path(found) if found and (Path(found) / "tokenizer.model").is_file() else None
+
+
+def long_question(n: int) -> str:
+    """A question of about 80 tokens, numbered: three of them alone overflow SMALL_WINDOW."""
+    return (
+        f"QUESTION-{n} "
+        + "what is the highest mountain and the longest river near the city, how are you, hello world " * 4
+    )
 
 
 def long_generation(base_url: str, tokens: int, **extra) -> tuple[str, dict]:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from minicpm_server.model.tiny import build_tiny_checkpoint
-from tests.harness import metric, wait_for_metric
+from tests.harness import SMALL_WINDOW, long_question, metric, wait_for_metric
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
@@ -42,18 +41,6 @@ def browser():
 @pytest.fixture(scope="module")
 def page_server(start_server, tiny_dir):
     return start_server("--model-path", tiny_dir, "--device", "cpu", "--log-prompts")
-
-
-SMALL_WINDOW = 256
-
-
-@pytest.fixture(scope="module")
-def small_page_server(start_server, tmp_path_factory):
-    """A server whose context window a few questions outgrow."""
-    path = build_tiny_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "MiniCPM-small", "tiny", seed=0, max_position_embeddings=SMALL_WINDOW
-    )
-    return start_server("--model-path", path, "--device", "cpu", "--log-prompts")
 
 
 def open_page(browser, url: str, **context_args):
@@ -209,16 +196,8 @@ def test_api_key_prompt_and_phone_layout(browser, start_server, tiny_dir, tmp_pa
     page.screenshot(path=str(tmp_path / "chat-phone.png"))
 
 
-def long_question(n: int) -> str:
-    """About 80 tokens: three of them alone are more than the small window holds."""
-    return (
-        f"QUESTION-{n} "
-        + "what is the highest mountain and the longest river near the city, how are you, hello world " * 4
-    )
-
-
-def test_long_conversation_drops_the_oldest_turns(browser, small_page_server, tmp_path: Path) -> None:
-    page, errors = open_page(browser, small_page_server.url)
+def test_long_conversation_drops_the_oldest_turns(browser, small_server, tmp_path: Path) -> None:
+    page, errors = open_page(browser, small_server.url)
     # Max tokens left at "auto": the page sends no budget and the server answers in what the window has left.
     for n in range(1, 5):
         ask(page, long_question(n))
@@ -230,7 +209,7 @@ def test_long_conversation_drops_the_oldest_turns(browser, small_page_server, tm
     # The dropped turns stay on screen, dimmed; the newest question is in the context.
     assert "dropped" in page.locator(".msg.user").first.get_attribute("class")
     assert "dropped" not in page.locator(".msg.user").last.get_attribute("class")
-    last = small_page_server.log_lines("QUESTION-4")[-1]
+    last = small_server.log_lines("QUESTION-4")[-1]
     assert "<用户>QUESTION-4 " in last and "QUESTION-1 " not in last
     page.screenshot(path=str(tmp_path / "chat-dropped-turns.png"), full_page=True)
 

@@ -50,7 +50,7 @@ async def conversation(engine: NativeEngine, tokenizer, turns: int, words: int, 
     answers = []
     for turn in range(turns):
         text = f"{salt} " + question(turn, words)  # the salt keeps conversations from sharing a prefix
-        ids = chat.encode_prompt(tokenizer, chat.render_chat(tokenizer, chat.conversation(text, history)))
+        ids = tokenizer.encode(chat.render_chat(tokenizer, chat.conversation(text, history)))
         last = turn == turns - 1
         answer, ttft = await ask(engine, ids, 1 if last else answer_tokens)
         answers.append(answer)

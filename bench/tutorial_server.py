@@ -36,7 +36,7 @@ def build_app(model_path: str, device: str) -> FastAPI:
     async def create_item(request: Request) -> dict:
         body = await request.json()
         prompt = body.get("prompt")
-        ids = chat.encode_prompt(tokenizer, chat.render_chat(tokenizer, chat.conversation(prompt)))
+        ids = tokenizer.encode(chat.render_chat(tokenizer, chat.conversation(prompt)))
         new = int(body.get("max_new_tokens", 48))
         with torch.inference_mode():
             out = model.generate(

@@ -1,58 +1,21 @@
-"""Shared fixtures: tiny checkpoints built once per session, and real servers on loopback."""
+"""Shared fixtures: tiny checkpoints built once per session, real servers on loopback, loaded
+models for engine tests. Helper functions and classes are in tests/harness.py."""
 
 from __future__ import annotations
 
-import os
-import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
+from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.tiny import build_tiny_checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def long_generation(base_url: str, tokens: int, **extra) -> tuple[str, dict]:
-    """URL and body of a request that surely generates `tokens` tokens: a raw completion (chat
-    requests stop at MiniCPM's turn markers, which a random model emits now and then)."""
-    return base_url + "/v1/completions", {"prompt": "long", "max_tokens": tokens, "ignore_eos": True, **extra}
-
-
-def metric(base_url: str, name: str, labels: str = "") -> float:
-    """One sample from /metrics; `labels` as Prometheus prints them, e.g. 'reason="cancelled"'."""
-    sample = f"{name}{{{labels}}}" if labels else name
-    text = requests.get(base_url + "/metrics", timeout=30).text
-    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
-def wait_for_metric(base_url: str, name: str, ok, labels: str = "", timeout: float = 120.0) -> float:
-    """Poll until ok(value) holds. The timeout only stops a broken server from hanging the suite:
-    on a busy machine the wait may be long, and no assertion depends on how long it was."""
-    deadline = time.monotonic() + timeout
-    while not ok(value := metric(base_url, name, labels)):
-        assert time.monotonic() < deadline, f"{name}{{{labels}}} stayed at {value}"
-        time.sleep(0.05)
-    return value
+from tests.harness import LONG_WINDOW, SMALL_WINDOW, ServerProcess, real_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "MiniCPM-tiny", "tiny", seed=0)
-
-
-def real_tokenizer_dir() -> Path | None:
-    """MiniCPM-2B's real tokenizer.model, where this machine has it (CI does): the directory named
-    by MINICPM_REAL_TOKENIZER, which scripts/test.sh points at the team's shared copy."""
-    found = os.environ.get("MINICPM_REAL_TOKENIZER")
-    return Path(found) if found and (Path(found) / "tokenizer.model").is_file() else None
 
 
 @pytest.fixture(scope="session")
@@ -83,12 +46,6 @@ def real_nojson_dir(tmp_path_factory: pytest.TempPathFactory, real_tokenizer: Pa
     )
 
 
-# Long enough that no generation in a test can run to its end before the test cancels it, on
-# however fast a machine: tests of cancellation, timeouts and shutdown use it.
-LONG_WINDOW = 65536
-HOLD_TOKENS = 60000
-
-
 @pytest.fixture(scope="session")
 def long_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(
@@ -101,75 +58,32 @@ def long_server(start_server, long_dir: Path) -> ServerProcess:
     return start_server("--model-path", long_dir, "--device", "cpu", "--max-batch", "16")
 
 
+# Two short windows, for two purposes: their weights differ too (seeds 0 and 2).
+
+
+@pytest.fixture(scope="session")
+def window256_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 256-token window (SMALL_WINDOW): a KV budget of one window is small, and
+    a conversation of a few long_question()s outgrows it."""
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "MiniCPM-short", "tiny", max_position_embeddings=SMALL_WINDOW
+    )
+
+
+@pytest.fixture(scope="session")
+def window128_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint with a 128-token window: every generation is short, so fuzzing stays fast."""
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("short") / "MiniCPM-short", "tiny", seed=2, max_position_embeddings=128
+    )
+
+
 @pytest.fixture(scope="session")
 def gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Sharded safetensors as well, so this fixture also covers the index-file loading path.
     return build_tiny_checkpoint(
         tmp_path_factory.mktemp("ckpt") / "MiniCPM-gqa", "tiny-gqa", seed=1, weights_format="safetensors", shards=3
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python api.py ...` as a user runs it, on a free loopback port, with its log in a file."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, str(REPO / "api.py"), "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env or os.environ.copy(),
-        )
-
-    def wait_ready(self, timeout: float = 120) -> ServerProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def log_lines(self, needle: str, at_least: int = 1, timeout: float = 120) -> list[str]:
-        """The log's lines containing `needle`, once there are `at_least` of them. A request's line
-        is written just after its answer is sent, so a test that has its answer may be early."""
-        deadline = time.monotonic() + timeout
-        while len(found := [line for line in self.log().splitlines() if needle in line]) < at_least:
-            assert time.monotonic() < deadline, (
-                f"fewer than {at_least} log lines with {needle!r}:\n{self.log()[-2000:]}"
-            )
-            time.sleep(0.05)
-        return found
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="session")
@@ -191,3 +105,23 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 def server(start_server, tiny_dir: Path) -> ServerProcess:
     """The shared server on the tiny checkpoint, float32 on CPU."""
     return start_server("--model-path", tiny_dir, "--device", "cpu", "--max-batch", "16")
+
+
+@pytest.fixture(scope="session")
+def small_server(start_server, window256_dir: Path) -> ServerProcess:
+    """A server whose context window a short conversation outgrows; it logs prompts, so tests can
+    see which turns the model was sent (test_client.py, test_chat_page.py)."""
+    return start_server("--model-path", window256_dir, "--device", "cpu", "--log-prompts")
+
+
+@pytest.fixture(scope="session")
+def fuzz_server(start_server, window128_dir: Path) -> ServerProcess:
+    """The server that fuzzing and hostile input try to break (test_fuzz.py, test_hostile_input.py)."""
+    return start_server("--model-path", window128_dir, "--device", "cpu", "--request-timeout", "60")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir: Path):
+    """The tiny checkpoint loaded for engine tests, once per module: an engine re-lays its weights out
+    (the lean decoder fuses them), so modules do not share one load."""
+    return load_checkpoint(tiny_dir, device="cpu", dtype="float32")

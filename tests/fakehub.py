@@ -30,7 +30,7 @@ class FakeModelScopeHub:
 
             def do_GET(self) -> None:
                 hub.requests.append(self.path)
-                hub._route(self)
+                hub.route(self)
 
             def log_message(self, *args) -> None:
                 pass
@@ -48,7 +48,7 @@ class FakeModelScopeHub:
 
     # ------------------------------------------------------------------ routing
 
-    def _route(self, req: http.server.BaseHTTPRequestHandler) -> None:
+    def route(self, req: http.server.BaseHTTPRequestHandler) -> None:
         parsed = urllib.parse.urlparse(req.path)
         query = dict(urllib.parse.parse_qsl(parsed.query))
         parts = parsed.path.strip("/").split("/")
@@ -56,12 +56,12 @@ class FakeModelScopeHub:
             return self._files(req, f"{parts[3]}/{parts[4]}")
         if len(parts) == 6 and parts[:3] == ["api", "v1", "models"] and parts[5] == "repo" and "FilePath" in query:
             return self._file(req, f"{parts[3]}/{parts[4]}", query["FilePath"])
-        self._json(req, 404, {"Code": 404, "Message": f"not found: {parsed.path}", "Success": False})
+        self.send_json(req, 404, {"Code": 404, "Message": f"not found: {parsed.path}", "Success": False})
 
     def _files(self, req, model_id: str) -> None:
         root = self.models.get(model_id)
         if root is None:
-            return self._json(
+            return self.send_json(
                 req, 404, {"Code": 10010205001, "Message": f"model {model_id} not found", "Success": False}
             )
         files = []
@@ -78,13 +78,13 @@ class FakeModelScopeHub:
                     "Revision": "0" * 40,
                 }
             )
-        self._json(req, 200, {"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
+        self.send_json(req, 200, {"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
 
     def _file(self, req, model_id: str, file_path: str) -> None:
         root = self.models.get(model_id)
         target = (root / file_path) if root else None
         if target is None or not target.is_file():
-            return self._json(req, 404, {"Code": 404, "Message": f"file {file_path} not found", "Success": False})
+            return self.send_json(req, 404, {"Code": 404, "Message": f"file {file_path} not found", "Success": False})
         data = target.read_bytes()
         if file_path in self.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
@@ -110,7 +110,7 @@ class FakeModelScopeHub:
         req.wfile.write(body)
 
     @staticmethod
-    def _json(req, status: int, payload: dict) -> None:
+    def send_json(req, status: int, payload: dict) -> None:
         body = json.dumps(payload).encode()
         req.send_response(status)
         req.send_header("Content-Type", "application/json")
@@ -139,11 +139,11 @@ class FakeHuggingFaceHub:
 
             def do_GET(self) -> None:
                 hub.requests.append("GET " + self.path)
-                hub._route(self, head=False)
+                hub.route(self, head=False)
 
             def do_HEAD(self) -> None:
                 hub.requests.append("HEAD " + self.path)
-                hub._route(self, head=True)
+                hub.route(self, head=True)
 
             def log_message(self, *args) -> None:
                 pass
@@ -159,7 +159,7 @@ class FakeHuggingFaceHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def _route(self, req, head: bool) -> None:
+    def route(self, req, head: bool) -> None:
         parsed = urllib.parse.urlparse(req.path)
         parts = [urllib.parse.unquote(p) for p in parsed.path.strip("/").split("/")]
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
@@ -168,7 +168,7 @@ class FakeHuggingFaceHub:
             return self._info(req, f"{parts[2]}/{parts[3]}")
         if len(parts) >= 5 and parts[2] == "resolve":
             return self._file(req, f"{parts[0]}/{parts[1]}", "/".join(parts[4:]), head)
-        FakeModelScopeHub._json(req, 404, {"error": "not found"})
+        FakeModelScopeHub.send_json(req, 404, {"error": "not found"})
 
     def _files(self, root: Path) -> list[Path]:
         return sorted(p for p in root.rglob("*") if p.is_file())
@@ -191,7 +191,7 @@ class FakeHuggingFaceHub:
             if path.suffix in self.LFS_SUFFIXES:
                 entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
             siblings.append(entry)
-        FakeModelScopeHub._json(
+        FakeModelScopeHub.send_json(
             req, 200, {"id": repo, "modelId": repo, "sha": self.COMMIT, "siblings": siblings, "private": False}
         )
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from minicpm_server.engine import vllm_installed
-from tests.conftest import HOLD_TOKENS, ServerProcess, long_generation, metric, wait_for_metric
+from tests.harness import HOLD_TOKENS, ServerProcess, long_generation, metric, wait_for_metric
 
 NEEDS_VLLM = pytest.mark.skipif(
     not vllm_installed(),

@@ -42,7 +42,7 @@ def test_prompt_gets_bos_and_markers_are_plain_text(tiny_dir, tokenizer) -> None
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_dir / "tokenizer.model"))
-    ids = chat.encode_prompt(tokenizer, "<用户>hello<AI>")
+    ids = tokenizer.encode("<用户>hello<AI>")
     assert ids[0] == tokenizer.bos_token_id == 1
     # As in MiniCPM-2B's tokenizer, the turn markers are ordinary text: "<", "用户", ">".
     assert [sp.id_to_piece(i) for i in ids[1:4]] == ["<", "用户", ">"]

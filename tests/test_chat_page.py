@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from minicpm_server.model.tiny import build_tiny_checkpoint
+from tests.harness import SMALL_WINDOW, long_question, metric, wait_for_metric
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
@@ -42,24 +41,6 @@ def browser():
 @pytest.fixture(scope="module")
 def page_server(start_server, tiny_dir):
     return start_server("--model-path", tiny_dir, "--device", "cpu", "--log-prompts")
-
-
-SMALL_WINDOW = 256
-
-
-@pytest.fixture(scope="module")
-def small_page_server(start_server, tmp_path_factory):
-    """A server whose context window a few questions outgrow."""
-    path = build_tiny_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "MiniCPM-small", "tiny", seed=0, max_position_embeddings=SMALL_WINDOW
-    )
-    return start_server("--model-path", path, "--device", "cpu", "--log-prompts")
-
-
-def metric(url: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", requests.get(url + "/metrics").text, re.MULTILINE)
-    assert match, name
-    return float(match.group(1))
 
 
 def open_page(browser, url: str, **context_args):
@@ -141,17 +122,14 @@ def test_stop_button_cancels_on_the_server(browser, page_server) -> None:
     page.fill("#input", prompt)
     page.click("#send")
     page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 5")
-    assert metric(page_server.url, "minicpm_requests_running") == 1
-    cancelled = 'minicpm_requests_finished_total{reason="cancelled"}'
-    before = metric(page_server.url, cancelled)
+    assert metric(page_server.url, "minicpm_requests_running", required=True) == 1
+    cancelled = ("minicpm_requests_finished_total", 'reason="cancelled"')
+    before = metric(page_server.url, *cancelled, required=True)
     page.click("#stop")
     # Wait for the state, however slow the machine: the generation ended, and it ended cancelled
-    # (not by running its 900 tokens to the end). The timeout only stops a broken server hanging the suite.
-    deadline = time.monotonic() + 120
-    while metric(page_server.url, "minicpm_requests_running") > 0:
-        assert time.monotonic() < deadline, "the server kept generating after Stop"
-        time.sleep(0.05)
-    assert metric(page_server.url, cancelled) == before + 1
+    # (not by running its 900 tokens to the end).
+    wait_for_metric(page_server.url, "minicpm_requests_running", lambda running: running == 0)
+    assert metric(page_server.url, *cancelled, required=True) == before + 1
     page.wait_for_selector("#send:not([hidden])")
     assert "stopped" in page.locator(".msg.assistant .stats").inner_text()
 
@@ -218,16 +196,8 @@ def test_api_key_prompt_and_phone_layout(browser, start_server, tiny_dir, tmp_pa
     page.screenshot(path=str(tmp_path / "chat-phone.png"))
 
 
-def long_question(n: int) -> str:
-    """About 80 tokens: three of them alone are more than the small window holds."""
-    return (
-        f"QUESTION-{n} "
-        + "what is the highest mountain and the longest river near the city, how are you, hello world " * 4
-    )
-
-
-def test_long_conversation_drops_the_oldest_turns(browser, small_page_server, tmp_path: Path) -> None:
-    page, errors = open_page(browser, small_page_server.url)
+def test_long_conversation_drops_the_oldest_turns(browser, small_server, tmp_path: Path) -> None:
+    page, errors = open_page(browser, small_server.url)
     # Max tokens left at "auto": the page sends no budget and the server answers in what the window has left.
     for n in range(1, 5):
         ask(page, long_question(n))
@@ -239,7 +209,7 @@ def test_long_conversation_drops_the_oldest_turns(browser, small_page_server, tm
     # The dropped turns stay on screen, dimmed; the newest question is in the context.
     assert "dropped" in page.locator(".msg.user").first.get_attribute("class")
     assert "dropped" not in page.locator(".msg.user").last.get_attribute("class")
-    last = small_page_server.log_lines("QUESTION-4")[-1]
+    last = small_server.log_lines("QUESTION-4")[-1]
     assert "<用户>QUESTION-4 " in last and "QUESTION-1 " not in last
     page.screenshot(path=str(tmp_path / "chat-dropped-turns.png"), full_page=True)
 

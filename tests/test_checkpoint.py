@@ -14,7 +14,7 @@ import torch
 
 from minicpm_server.model.checkpoint import CheckpointError, granite_config, inspect_checkpoint, load_checkpoint
 from minicpm_server.model.tiny import EXECUTED_MARKER
-from tests.conftest import REPO
+from tests.harness import REPO
 
 
 def run_api(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

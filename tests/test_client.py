@@ -11,27 +11,7 @@ import pytest
 import requests
 
 import client
-from minicpm_server.model.tiny import build_tiny_checkpoint
-from tests.conftest import REPO, free_port
-
-SMALL_WINDOW = 256
-
-
-def question(n: int) -> str:
-    """A question of about 80 tokens: three of them alone overflow the small window."""
-    return (
-        f"QUESTION-{n} "
-        + "what is the highest mountain and the longest river near the city, how are you, hello world " * 4
-    )
-
-
-@pytest.fixture(scope="module")
-def small_server(start_server, tmp_path_factory: pytest.TempPathFactory):
-    """A server whose context window a short conversation outgrows."""
-    path = build_tiny_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "MiniCPM-small", "tiny", seed=0, max_position_embeddings=SMALL_WINDOW
-    )
-    return start_server("--model-path", path, "--device", "cpu", "--log-prompts")
+from tests.harness import REPO, SMALL_WINDOW, free_port, long_question
 
 
 def run_client(*args: str, stdin: str = "", stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
@@ -50,13 +30,9 @@ def run_client(*args: str, stdin: str = "", stdout=subprocess.PIPE) -> subproces
     )
 
 
-def logged_prompts(server) -> list[str]:
-    return [line for line in server.log().splitlines() if "POST / status=200" in line]
-
-
 def test_question_lengths_overflow_the_small_window(small_server) -> None:
     """The premise of the tests below: three questions alone are more than the window holds."""
-    body = {"prompt": question(1), "max_tokens": 1}
+    body = {"prompt": long_question(1), "max_tokens": 1}
     usage = requests.post(small_server.url + "/v1/completions", json=body, timeout=60).json()["usage"]
     assert usage["prompt_tokens"] * 3 > SMALL_WINDOW
 
@@ -64,7 +40,7 @@ def test_question_lengths_overflow_the_small_window(small_server) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_long_chat_drops_the_oldest_turns_instead_of_failing(small_server, stream: bool) -> None:
     # No budget flags: what a newcomer types. The old default (512 new tokens) failed every turn here.
-    stdin = "".join(question(n) + "\n" for n in range(1, 5))
+    stdin = "".join(long_question(n) + "\n" for n in range(1, 5))
     out = run_client("--url", small_server.url, *(["--stream"] if stream else []), stdin=stdin)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("MiniCPM> ") == 4
@@ -156,7 +132,7 @@ def test_get_completion_errors_carry_the_servers_code(server) -> None:
 def test_conversation_api_trims_history(small_server, capsys) -> None:
     chat = client.Conversation(small_server.url, max_new_tokens=8, window=SMALL_WINDOW)
     for n in range(1, 5):
-        chat.ask(question(n))
-    assert [m["content"] for m in chat.history if m["role"] == "user"][-1] == question(4)
-    assert question(1) not in [m["content"] for m in chat.history]
+        chat.ask(long_question(n))
+    assert [m["content"] for m in chat.history if m["role"] == "user"][-1] == long_question(4)
+    assert long_question(1) not in [m["content"] for m in chat.history]
     assert f"to fit the {SMALL_WINDOW}-token context window" in capsys.readouterr().err

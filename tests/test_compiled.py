@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 
 from minicpm_server.model.checkpoint import load_checkpoint
-from tests.test_engine import PROMPTS, greedy, loaded, result, run, submit  # noqa: F401 - `loaded` is a fixture
+from tests.harness import PROMPTS, greedy, result, run, submit
 
 
-def answers(loaded, **engine_kwargs):  # noqa: F811
+def answers(loaded, **engine_kwargs):
     """Each prompt alone, then all together (batch buckets 2 and 4, padding rows included)."""
 
     async def body(engine):
         alone = [(await result(submit(engine, loaded, p, greedy(24)))).text for p in PROMPTS]
         together = await asyncio.gather(*(result(submit(engine, loaded, p, greedy(24))) for p in PROMPTS[:3]))
-        return alone, [c.text for c in together], engine._decode.is_compiled
+        return alone, [c.text for c in together], engine.runner.decode.is_compiled
 
     return run(loaded, body, **engine_kwargs)
 
@@ -31,14 +31,14 @@ def test_compiled_decode_answers_as_eager(tiny_dir) -> None:
     assert alone == eager_alone and together == eager_together
 
 
-def test_a_failing_compiled_step_falls_back_to_eager(loaded) -> None:  # noqa: F811
+def test_a_failing_compiled_step_falls_back_to_eager(loaded) -> None:
     def broken(*args):
         raise RuntimeError("compiler exploded")
 
     async def body(engine):
-        engine._decode.compiled = broken
+        engine.runner.decode.compiled = broken
         text = (await result(submit(engine, loaded, PROMPTS[0], greedy(12)))).text
-        return text, engine._decode.is_compiled
+        return text, engine.runner.decode.is_compiled
 
     async def reference(engine):
         return (await result(submit(engine, loaded, PROMPTS[0], greedy(12)))).text

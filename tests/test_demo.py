@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port
+from tests.harness import REPO, free_port
 
 
 def test_demo_mode_serves_and_warns(start_server, tmp_path) -> None:

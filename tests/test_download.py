@@ -12,8 +12,8 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import REPO
 from tests.fakehub import FakeHuggingFaceHub, FakeModelScopeHub
+from tests.harness import REPO
 
 MODEL_ID = "OpenBMB/MiniCPM-2B-sft-fp32"
 

@@ -7,78 +7,22 @@ import asyncio
 import pytest
 import torch
 
-from minicpm_server.engine.native.engine import NativeEngine
 from minicpm_server.engine.protocol import (
-    Completion,
     ContextOverflowError,
     EngineError,
     GenerationRequest,
     QueueFullError,
     SamplingParams,
-    TextDelta,
     check_fits,
 )
-from minicpm_server.model import chat
 from minicpm_server.model.checkpoint import load_checkpoint
-from tests.conftest import HOLD_TOKENS
-
-PROMPTS = ["hello there", "你好，山东省最高的山是哪座山？", "what is the river city of code " * 6, "x"]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    return load_checkpoint(tiny_dir, device="cpu", dtype="float32")
+from tests.harness import HOLD_TOKENS, PROMPTS, greedy, ids_for, result, run, submit, until_running
 
 
 @pytest.fixture(scope="module")
 def long_loaded(long_dir):
     """A window so long that a generation cannot end before the test acts on it."""
     return load_checkpoint(long_dir, device="cpu", dtype="float32")
-
-
-def ids_for(loaded, prompt: str) -> list[int]:
-    return chat.encode_prompt(loaded.tokenizer, chat.render_chat(loaded.tokenizer, chat.conversation(prompt)))
-
-
-def run(loaded, coro_fn, **engine_kwargs):
-    async def main():
-        engine = NativeEngine(
-            loaded.model, loaded.tokenizer, context_window=loaded.context_window, eos_token_id=2, **engine_kwargs
-        )
-        engine.start()
-        try:
-            return await coro_fn(engine)
-        finally:
-            engine.stop()
-
-    return asyncio.run(main())
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True)
-
-
-def submit(engine, loaded, prompt: str, params: SamplingParams):
-    return engine.submit(GenerationRequest(ids_for(loaded, prompt), params))
-
-
-async def result(handle) -> Completion:
-    parts = []
-    async for event in handle.events():
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        else:
-            return Completion("".join(parts), event.reason, event.prompt_tokens, event.completion_tokens)
-    raise AssertionError("the events ended without Finished")
-
-
-async def until_running(engine, n: int) -> None:
-    """Wait for the engine's state, not for time: the timeout only stops a broken engine hanging the suite."""
-    for _ in range(12000):
-        if engine.stats.running == n:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never {n} running")
 
 
 def test_batched_greedy_equals_alone_and_generate(loaded) -> None:

@@ -21,7 +21,7 @@ from minicpm_server.engine import choose_backend, vllm_installed
 from minicpm_server.exceptions import StartupError
 from minicpm_server.model.checkpoint import inspect_checkpoint, load_checkpoint
 from minicpm_server.model.export import STAMP_FILE, default_export_dir, granite_directory
-from tests.conftest import REPO, free_port
+from tests.harness import REPO, free_port
 
 
 def exported(source: Path, tmp_path: Path) -> Path:

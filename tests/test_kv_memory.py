@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -14,23 +13,15 @@ import requests
 from minicpm_server.engine.native.blocks import BlockPool
 from minicpm_server.engine.protocol import GenerationRequest
 from minicpm_server.model.checkpoint import load_checkpoint
-from minicpm_server.model.tiny import build_tiny_checkpoint
-from tests.conftest import metric
-from tests.test_engine import greedy, result, run, until_running
+from tests.harness import greedy, metric, result, run, until_running
 
 # Mixed lengths: prompts of 3 to 200 tokens, budgets of 10 to 120 tokens.
 MIXED = [(200, 20), (3, 120), (100, 10), (40, 100), (150, 50), (8, 30), (60, 120), (120, 100), (16, 15), (64, 60)]
 
 
 @pytest.fixture(scope="module")
-def short_dir(tmp_path_factory) -> Path:
-    """The tiny model with a 256-token window, so that a budget of one window is small."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "MiniCPM-short", "tiny", max_position_embeddings=256)
-
-
-@pytest.fixture(scope="module")
-def short_loaded(short_dir):
-    return load_checkpoint(short_dir, device="cpu", dtype="float32")
+def short_loaded(window256_dir):
+    return load_checkpoint(window256_dir, device="cpu", dtype="float32")
 
 
 def mixed_requests(vocab: int) -> list[GenerationRequest]:
@@ -48,7 +39,7 @@ def test_memory_in_use_never_exceeds_the_budget(short_loaded) -> None:
     samples: list[int] = []
 
     async def body(engine):
-        pool = engine._pool
+        pool = engine.scheduler.pool
         reserve = pool.reserve
 
         def watched(*args):  # the pool's use right after every reservation, successful or not
@@ -60,7 +51,7 @@ def test_memory_in_use_never_exceeds_the_budget(short_loaded) -> None:
         alone = [await result(engine.submit(r)) for r in reqs]
         together = await asyncio.gather(*(result(engine.submit(r)) for r in reqs))
         await until_running(engine, 0)  # a row's blocks go back just after its last event
-        return alone, together, engine.kv_stats, engine._cache
+        return alone, together, engine.kv_stats, engine.runner.cache
 
     alone, together, stats, cache = run(loaded, body, kv_cache_tokens=budget, max_batch=16)
     assert [c.text for c in together] == [c.text for c in alone]
@@ -88,10 +79,12 @@ def test_block_pool_reserves_whole_requests_and_evicts_cached_prefixes_lru() -> 
     assert pool.available == 4 and pool.used == 4
 
 
-def test_overload_through_the_server_waits_instead_of_failing(start_server, short_dir) -> None:
+def test_overload_through_the_server_waits_instead_of_failing(start_server, window256_dir) -> None:
     # 0.001 GiB of float32 KV on the tiny model (4 KiB per token) is 256 tokens: every request
     # below reserves over 85, so at most two can run at once although --max-batch allows 16.
-    server = start_server("--model-path", short_dir, "--device", "cpu", "--max-batch", "16", "--kv-cache-gb", "0.001")
+    server = start_server(
+        "--model-path", window256_dir, "--device", "cpu", "--max-batch", "16", "--kv-cache-gb", "0.001"
+    )
     assert "KV cache: 256 tokens" in server.log()
     prompts = ["hello " * n for n in (1, 10, 40, 50, 3, 45, 20, 35, 2, 30, 25, 5)]
     peak = 0

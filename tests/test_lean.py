@@ -14,7 +14,7 @@ from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.packed import MIN_HIDDEN_SIZE, PackedLinear, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.model.checkpoint import load_checkpoint
-from tests.test_engine import PROMPTS, greedy, result, run, submit
+from tests.harness import PROMPTS, greedy, result, run, submit
 
 BLOCK = 16
 needs_packing = pytest.mark.skipif(
@@ -166,10 +166,12 @@ def test_engine_answers_equal_with_and_without_lean(tiny_dir, packed: bool) -> N
 
         async def body(engine):
             if lean:  # the tiny model is too narrow to be packed by default
-                engine._decode.lean = LeanDecoder(loaded.model, engine._cache, engine.block_size, pack_weights=packed)
+                engine.runner.decode.lean = LeanDecoder(
+                    loaded.model, engine.runner.cache, engine.block_size, pack_weights=packed
+                )
             alone = [(await result(submit(engine, loaded, p, greedy(24)))).text for p in PROMPTS]
             together = await asyncio.gather(*(result(submit(engine, loaded, p, greedy(24))) for p in PROMPTS))
-            decoder = engine._decode.lean
+            decoder = engine.runner.decode.lean
             return alone, [c.text for c in together], decoder is not None and decoder.packed == packed
 
         return run(loaded, body, lean=lean)

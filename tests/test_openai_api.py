@@ -11,8 +11,10 @@ import openai
 import pytest
 import requests
 
+import client
+from minicpm_server.model import chat
 from minicpm_server.model.checkpoint import inspect_checkpoint, load_tokenizer
-from tests.conftest import HOLD_TOKENS, long_generation, metric, wait_for_metric
+from tests.harness import HOLD_TOKENS, long_generation, metric, wait_for_metric
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +104,23 @@ def test_completions_raw_prompt(sdk, tiny_dir) -> None:
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
 
 
-def test_system_message_is_plain_text_before_the_turn(sdk, tiny_dir) -> None:
-    r = sdk.chat.completions.create(
-        model="m",
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
-        max_tokens=2,
-    )
+def test_system_message_is_plain_text_before_the_turn(sdk, server, tiny_dir) -> None:
+    """MiniCPM has no system role: the system message is plain text, then the <用户> turn. The server's
+    prompt is exactly that text: as many tokens, and the same greedy answer as the text sent raw."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     tokenizer = load_tokenizer(inspect_checkpoint(tiny_dir))
-    assert r.usage.prompt_tokens == len(tokenizer.encode("Be brief.<用户>hi<AI>"))
+    text = chat.render_chat(tokenizer, messages)
+    assert text == "Be brief.<用户>hi<AI>"
+    r = sdk.chat.completions.create(
+        model="m", messages=messages, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.usage.prompt_tokens == len(tokenizer.encode(text))
+    # /v1/completions applies no template; a chat answer ends at the model's next turn marker.
+    body = {"prompt": text, "max_tokens": 20, "temperature": 0, "ignore_eos": True, "stop": list(chat.TURN_MARKERS)}
+    raw = requests.post(server.url + "/v1/completions", json=body, timeout=120).json()
+    assert raw["usage"]["prompt_tokens"] == r.usage.prompt_tokens
+    assert r.choices[0].message.content == raw["choices"][0]["text"]
+    assert r.choices[0].finish_reason == raw["choices"][0]["finish_reason"]
 
 
 def test_stop_strings(sdk) -> None:
@@ -270,17 +281,38 @@ def test_queue_overflow_answers_429_without_waiting(start_server, long_dir) -> N
     assert [r.status_code for r in results] == [200, 200]
 
 
-def test_client_stream_flag(server) -> None:
-    import subprocess
-    import sys
+def test_client_stream_flag(server, monkeypatch, capsys) -> None:
+    """`client.py --stream` asks for the NDJSON stream, prints the answer as its pieces arrive (more
+    than one), and the pieces make the answer the same request gets without streaming. The spy on
+    requests.post makes both greedy: the client sends the server's default sampling, a new draw each time."""
+    real_post = requests.post
+    sent: list[tuple[dict, bool]] = []
+    chunks: list[dict] = []
 
-    out = subprocess.run(
-        [sys.executable, "client.py", "--url", server.url, "--stream", "--max-length", "60", "hi"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0 and out.stdout.endswith("\n")
+    def post(url: str, data: str, **kwargs) -> requests.Response:
+        body = {**json.loads(data), "do_sample": False}
+        sent.append((body, kwargs.get("stream", False)))
+        response = real_post(url, data=json.dumps(body), **kwargs)
+        read = response.iter_lines
+
+        def iter_lines(*args, **iter_kwargs):
+            for line in read(*args, **iter_kwargs):
+                if line:
+                    chunks.append(json.loads(line))
+                yield line
+
+        response.iter_lines = iter_lines
+        return response
+
+    monkeypatch.setattr(requests, "post", post)
+    assert client.main(["--url", server.url, "--stream", "--max-length", "60", "hi"]) == 0
+    monkeypatch.undo()
+    printed = capsys.readouterr().out
+    assert [(body["stream"], stream) for body, stream in sent] == [(True, True)]
+    pieces = [c["response"] for c in chunks if c["response"]]
+    assert len(pieces) > 1 and chunks[-1]["done"]
+    whole = requests.post(server.url, json={"prompt": "hi", "max_length": 60, "do_sample": False}, timeout=120)
+    assert printed == "".join(pieces) + "\n" == whole.json()["response"] + "\n"
 
 
 def test_harmless_openai_fields_are_accepted(sdk) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import requests
 
 from minicpm_server.engine.native.blocks import BlockPool
 from minicpm_server.engine.protocol import GenerationRequest
 from minicpm_server.model import chat
-from tests.test_engine import greedy, loaded, result, run  # noqa: F401 - `loaded` is a fixture
+from tests.harness import greedy, metric, result, run
 
 QUESTIONS = [
     "what is the river city of code and how are you " * 4,
@@ -19,14 +17,14 @@ QUESTIONS = [
 ]
 
 
-def converse(loaded, **engine_kwargs):  # noqa: F811
+def converse(loaded, **engine_kwargs):
     """Four greedy chat turns, each resending the whole history as chat clients do."""
 
     async def body(engine):
         history, answers, prefilled = [], [], []
         for question in QUESTIONS:
             messages = chat.conversation(question, history)
-            ids = chat.encode_prompt(loaded.tokenizer, chat.render_chat(loaded.tokenizer, messages))
+            ids = loaded.tokenizer.encode(chat.render_chat(loaded.tokenizer, messages))
             before = engine.kv_stats.prefilled_tokens
             answer = (await result(engine.submit(GenerationRequest(ids, greedy(24))))).text
             prefilled.append((len(ids), engine.kv_stats.prefilled_tokens - before))
@@ -37,7 +35,7 @@ def converse(loaded, **engine_kwargs):  # noqa: F811
     return run(loaded, body, **engine_kwargs)
 
 
-def test_later_turns_reuse_the_history_and_answer_the_same(loaded) -> None:  # noqa: F811
+def test_later_turns_reuse_the_history_and_answer_the_same(loaded) -> None:
     cold_answers, cold, cold_stats = converse(loaded, prefix_caching=False)
     warm_answers, warm, warm_stats = converse(loaded, prefix_caching=True)
     assert warm_answers == cold_answers
@@ -51,7 +49,7 @@ def test_later_turns_reuse_the_history_and_answer_the_same(loaded) -> None:  # n
     assert cold_stats.prefix_hit_tokens == 0 and cold_stats.cached_prefix_tokens == 0
 
 
-def test_identical_prompts_share_blocks_while_running(loaded) -> None:  # noqa: F811
+def test_identical_prompts_share_blocks_while_running(loaded) -> None:
     ids = [1, *range(10, 80)]  # 71 tokens: 4 full blocks can be shared, the last token is computed
 
     async def body(engine):
@@ -90,10 +88,7 @@ def test_metrics_report_prefix_hits_and_kv_memory(server) -> None:
     """A chat's second turn resends the first: /metrics counts the prompt tokens reused."""
 
     def sample(name: str) -> float:
-        text = requests.get(server.url + "/metrics", timeout=30).text
-        found = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
-        assert found, f"{name} missing from /metrics"
-        return float(found.group(1))
+        return metric(server.url, name, required=True)
 
     capacity = sample("minicpm_kv_cache_capacity_tokens")
     assert capacity > 0 and 0 <= sample("minicpm_kv_cache_used_tokens") <= capacity

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 import client
-from tests.conftest import HOLD_TOKENS, long_generation, wait_for_metric
+from tests.harness import HOLD_TOKENS, long_generation, wait_for_metric
 
 QUESTION = "山东省最高的山是哪座山, 它比黄山高还是矮？差距多少？"
 TIME_FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")

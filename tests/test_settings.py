@@ -9,7 +9,7 @@ import pytest
 
 from minicpm_server.model.checkpoint import StartupError
 from minicpm_server.settings import DEFAULT_MODEL_PATH, parse_settings
-from tests.conftest import REPO
+from tests.harness import REPO
 
 FLAGS = [
     "--model-path",

@@ -139,7 +139,7 @@ def test_chat_template_with_history_encodes_as_sentencepiece(ours, sp) -> None:
         "你是一个乐于助人的助手。<用户>你好<AI>你好！有什么可以帮你？\n\n- 问答\n- 写作<用户>山东省最高的山是哪座？<AI>"
     )
     assert text == expected
-    assert chat.encode_prompt(ours, text) == [1, *sp.encode(expected)]
+    assert ours.encode(text) == [1, *sp.encode(expected)]
 
 
 def test_lossy_tokenizer_json_is_named_in_one_warning(real_dir: Path, caplog) -> None:

@@ -42,8 +42,8 @@ def test_memory_in_use_never_exceeds_the_budget(short_loaded) -> None:
         pool = engine.scheduler.pool
         reserve = pool.reserve
 
-        def watched(*args):  # the pool's use right after every reservation, successful or not
-            got = reserve(*args)
+        def watched(*args, **kwargs):  # the pool's use right after every reservation, successful or not
+            got = reserve(*args, **kwargs)
             samples.append(pool.used * pool.block_size)
             return got
 

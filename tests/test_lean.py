@@ -9,10 +9,10 @@ import torch
 
 from minicpm_server.engine.native.blocks import BlockPool, blocks_for
 from minicpm_server.engine.native.budget import KvShape
-from minicpm_server.engine.native.compiled import DecodeForward
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.packed import MIN_HIDDEN_SIZE, PackedLinear, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
+from minicpm_server.engine.native.runner import DecodeForward
 from minicpm_server.model.checkpoint import load_checkpoint
 from tests.harness import PROMPTS, greedy, result, run, submit
 

@@ -21,7 +21,7 @@ import requests
 import torch
 
 from minicpm_server.model.tokenizer import load_tokenizer
-from tests.conftest import REPO
+from tests.harness import REPO
 from tests.reference import load_raw, logits
 
 LMEVAL_BIN = os.environ.get("MINICPM_LMEVAL_BIN")

@@ -11,7 +11,7 @@ import requests
 from pydantic import ValidationError
 
 from minicpm_server.api.protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, token_budget
-from tests.conftest import REPO
+from tests.harness import REPO
 
 
 @pytest.mark.parametrize(

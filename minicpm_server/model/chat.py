@@ -54,11 +54,6 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
     return text.removeprefix(tokenizer.bos_token)
 
 
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids for a rendered prompt, BOS first, as in model.chat."""
-    return tokenizer.encode(text)
-
-
 @functools.lru_cache(maxsize=8)
 def _compiled(template: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:

@@ -29,8 +29,8 @@ if [ "$(cat "$VENV/.minicpm-vllm-spec" 2>/dev/null)" != "$VLLM_SPEC" ]; then
   echo "$VLLM_SPEC" > "$VENV/.minicpm-vllm-spec"
 fi
 # Our runtime requirements where vLLM's own pins already satisfy them (pip keeps what fits), and
-# the two test tools at the versions in our lock.
-grep -E '^(pytest|openai)==' constraints.txt > "$VENV/test-tools.txt"
+# the test tools at the versions in our lock.
+grep -E '^(pytest|openai|jsonschema_rs)==' constraints.txt > "$VENV/test-tools.txt"
 "$VENV/bin/python" -m pip install -q -r requirements.txt -r "$VENV/test-tools.txt"
 
 shared_tokenizer="$(cd .. && pwd)/shared/minicpm-2b-tokenizer"
@@ -38,4 +38,4 @@ if [ -z "${MINICPM_REAL_TOKENIZER:-}" ] && [ -f "$shared_tokenizer/tokenizer.mod
   export MINICPM_REAL_TOKENIZER="$shared_tokenizer"
 fi
 # Only the modules with vLLM tests: the rest need test tools this venv does not install.
-"$VENV/bin/python" -m pytest -q -m vllm tests/test_backends.py tests/test_logprobs.py "$@"
+"$VENV/bin/python" -m pytest -q -m vllm tests/test_backends.py tests/test_logprobs.py tests/test_structured.py "$@"

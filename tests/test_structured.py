@@ -409,9 +409,7 @@ def test_vllm_structured_outputs_agree_with_native(start_server, tiny_dir) -> No
                 == [c["function"] for c in answers[1]["message"]["tool_calls"]]
             )
         for seed in SEEDS[:3]:
-            validator.validate(
-                json.loads(chat(vllm, seed=seed, response_format=schema_format(PERSON))["message"]["content"])
-            )
+            validator.validate(load(chat(vllm, seed=seed, response_format=schema_format(PERSON))["message"]["content"]))
     finally:
         vllm.stop()
         native.stop()

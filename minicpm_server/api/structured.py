@@ -151,7 +151,7 @@ def chat_turns(messages: Sequence[ChatCompletionMessage]) -> list[dict[str, str]
             turns.append({"role": "user", "content": f"Result of {name}: {m.text()}"})
         elif m.tool_calls:
             calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in m.tool_calls]
-            text = m.text() + json.dumps(calls, ensure_ascii=False)
+            text = m.text() + json.dumps(calls, ensure_ascii=False, separators=(",", ":"))  # as the model writes it
             turns.append({"role": "assistant", "content": text})
         else:
             turns.append({"role": m.role, "content": m.text()})

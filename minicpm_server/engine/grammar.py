@@ -11,10 +11,10 @@ byte-fallback pieces `<0xE4>` for single bytes, no dummy prefix), so every token
 decodes to text the grammar accepts, Chinese and rare characters included. Control tokens (BOS,
 UNK) are never allowed; EOS is allowed only where the grammar is complete.
 
-JSON comes out compact, with the separators `json.dumps` writes (", " and ": "): vLLM lets the
-model put any whitespace between JSON tokens, but a 2.7B model left free to indent can emit
-spaces, tabs and newlines until its token budget runs out (measured on the random-weight test
-models: most of a 80-token answer was whitespace). Compact JSON parses the same.
+JSON comes out compact (vLLM's `disable_any_whitespace`): vLLM's default lets the model put any
+whitespace between JSON tokens, but a 2.7B model left free to indent can emit spaces, tabs and
+newlines until its token budget runs out (measured on the random-weight test models: most of an
+80-token answer was whitespace). Compact JSON parses the same.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from minicpm_server.engine.protocol import Constraint
 if TYPE_CHECKING:
     from minicpm_server.model.tokenizer import Tokenizer
 
+# What vLLM's xgrammar backend passes with disable_any_whitespace (the vLLM backend sets it), so the
+# two backends compile the same grammar. (xgrammar 0.2.8 still allows a space after a comma.)
+COMPACT: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":"), "strict_mode": True}
 CACHE_ENTRIES = 256  # compiled grammars kept, least recently used dropped first
 
 
@@ -47,9 +50,9 @@ def to_grammar(constraint: Constraint) -> Any:
 
     try:
         if constraint.kind == "json":
-            return xgr.Grammar.from_json_schema(constraint.value, any_whitespace=False, strict_mode=True)
+            return xgr.Grammar.from_json_schema(constraint.value, **COMPACT)
         if constraint.kind == "json_object":
-            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+            return xgr.Grammar.from_json_schema('{"type": "object"}', **COMPACT)
         if constraint.kind == "regex":
             return xgr.Grammar.from_regex(constraint.value)
         if constraint.kind == "choice":

@@ -63,12 +63,22 @@ class VllmOptions:
     seed: int = 0
 
 
-def vllm_sampling_params(params: SamplingParams, eos_token_id: int) -> Any:
-    """Our sampling parameters in vLLM's terms; detokenizing, stop strings and EOS stay ours."""
+# vLLM clamps a logit bias to [-100, 100]; -100 puts a token below anything a model's logits reach.
+BANNED = -100.0
+
+
+def vllm_sampling_params(params: SamplingParams, eos_token_id: int, control_ids: tuple[int, ...] = ()) -> Any:
+    """Our sampling parameters in vLLM's terms; detokenizing, stop strings and EOS stay ours.
+
+    With a constraint, `control_ids` (UNK, BOS) are banned: vLLM's xgrammar reads their names
+    ("<s>") as text the grammar may allow, where ours (and our detokenizer) treat them as nothing.
+    """
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    banned = {i: BANNED for i in control_ids} if params.constraint is not None else None
     return VllmSamplingParams(
+        logit_bias=banned or None,
         # vLLM generates at least one token; a scoring-only request (0) ends after its prompt.
         logprobs=params.logprobs,
         prompt_logprobs=params.prompt_logprobs,
@@ -92,14 +102,15 @@ def vllm_sampling_params(params: SamplingParams, eos_token_id: int) -> Any:
 
 def vllm_structured_outputs(constraint: Constraint | None) -> Any:
     """A constraint in vLLM's terms, compiled by vLLM's xgrammar exactly as engine/grammar.py
-    compiles it on the native engine (compact JSON; a JSON object as the schema {"type": "object"})."""
+    compiles it on the native engine (compact JSON, set engine-wide in `_create_llm`; a JSON object
+    as the schema {"type": "object"})."""
     if constraint is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
     if constraint.kind in ("json", "json_object"):
         schema = constraint.value if constraint.kind == "json" else '{"type": "object"}'
-        return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        return StructuredOutputsParams(json=schema)
     if constraint.kind == "regex":
         return StructuredOutputsParams(regex=constraint.value)
     if constraint.kind == "choice":
@@ -174,6 +185,8 @@ class VllmEngine(EngineBase):
         self.options = options
         self.context_window = options.max_model_len
         self.eos_token_id = eos_token_id
+        pieces, _ = tokenizer.grammar_vocabulary()  # "" marks a control token (grammar.py)
+        self._control_ids = tuple(i for i, piece in enumerate(pieces) if not piece and i != eos_token_id)
         self._lock = threading.Lock()
         self._in_flight: dict[int, QueueHandle] = {}
         self._started: set[int] = set()  # requests whose first token has arrived
@@ -263,6 +276,7 @@ class VllmEngine(EngineBase):
         args = AsyncEngineArgs(
             model=str(self.model_dir),
             skip_tokenizer_init=False,  # xgrammar needs the vocabulary; vLLM never tokenizes (ids in, ids out)
+            structured_outputs_config=_structured_outputs_config(),
             trust_remote_code=False,
             generation_config="vllm",  # our defaults, not generation_config.json's
             dtype=o.dtype,
@@ -330,7 +344,7 @@ class VllmEngine(EngineBase):
                 self._started.discard(handle.id)
 
     async def _stream_tokens(self, handle: QueueHandle, output: TokenOutput) -> None:
-        params = vllm_sampling_params(handle.params, self.eos_token_id)
+        params = vllm_sampling_params(handle.params, self.eos_token_id, self._control_ids)
         prompt = {"prompt_token_ids": handle.prompt_ids}
         scoring = PromptScores(handle.prompt_ids, handle.params.prompt_logprobs)
         stream = self._llm.generate(prompt, params, request_id=f"minicpm-{handle.id}")
@@ -376,3 +390,10 @@ class VllmEngine(EngineBase):
 
     def _emit(self, handle: QueueHandle, events: list[Event]) -> None:
         self.emit([(handle, e) for e in events])
+
+
+def _structured_outputs_config() -> Any:
+    """vLLM's xgrammar with compact JSON: the grammar engine/grammar.py compiles on the native engine."""
+    from vllm.config.structured_outputs import StructuredOutputsConfig
+
+    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)

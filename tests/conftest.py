@@ -125,3 +125,12 @@ def loaded(tiny_dir: Path):
     """The tiny checkpoint loaded for engine tests, once per module: an engine re-lays its weights out
     (the lean decoder fuses them), so modules do not share one load."""
     return load_checkpoint(tiny_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def vllm_and_native(start_server, tiny_dir: Path) -> tuple[ServerProcess, ServerProcess]:
+    """The tiny model served by --engine vllm and by --engine native, for tests that compare them
+    (started once: a vLLM server takes a minute or two to start on two cores)."""
+    flags = ("--model-path", tiny_dir, "--device", "cpu", "--kv-cache-gb", "1")
+    vllm = start_server(*flags, "--engine", "vllm", wait=False).wait_ready(timeout=900)
+    return vllm, start_server(*flags, "--engine", "native")

@@ -329,35 +329,29 @@ def test_tokenizer_endpoints_need_the_key(start_server, tiny_dir) -> None:
 
 @pytest.mark.vllm
 @NEEDS_VLLM
-def test_vllm_logprobs_agree_with_native(start_server, tiny_dir) -> None:
+def test_vllm_logprobs_agree_with_native(vllm_and_native, tiny_dir) -> None:
     """vLLM's logprobs and prompt logprobs, mapped to our tokens, equal the native engine's."""
-    flags = ("--device", "cpu", "--kv-cache-gb", "1")
-    vllm = start_server("--model-path", tiny_dir, "--engine", "vllm", *flags, wait=False).wait_ready(timeout=900)
-    native = start_server("--model-path", tiny_dir, "--engine", "native", *flags)
-    try:
-        ids = [5, 6, 7, 8, 9, 10, 11]
-        body = {"prompt": [ids], "max_tokens": 3, "logprobs": 2, "echo": True, "temperature": 0}
-        a = post(vllm, "/v1/completions", body)["choices"][0]
-        b = post(native, "/v1/completions", body)["choices"][0]
-        assert a["text"] == b["text"] and a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
-        assert_close(a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"])
-        for x, y in zip(a["logprobs"]["top_logprobs"][1:], b["logprobs"]["top_logprobs"][1:], strict=True):
-            assert set(x) == set(y)
-        scored = {"prompt": [ids], "max_tokens": 0, "logprobs": 1, "echo": True}
-        assert_close(
-            post(vllm, "/v1/completions", scored)["choices"][0]["logprobs"]["token_logprobs"],
-            Reference(tiny_dir).scores(ids),
-        )
-        chat_body = {
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 3,
-            "temperature": 0,
-            "logprobs": True,
-        }
-        x = post(vllm, "/v1/chat/completions", chat_body)["choices"][0]["logprobs"]["content"]
-        y = post(native, "/v1/chat/completions", chat_body)["choices"][0]["logprobs"]["content"]
-        assert [e["token"] for e in x] == [e["token"] for e in y]
-        assert_close([e["logprob"] for e in x], [e["logprob"] for e in y])
-    finally:
-        vllm.stop()
-        native.stop()
+    vllm, native = vllm_and_native
+    ids = [5, 6, 7, 8, 9, 10, 11]
+    body = {"prompt": [ids], "max_tokens": 3, "logprobs": 2, "echo": True, "temperature": 0}
+    a = post(vllm, "/v1/completions", body)["choices"][0]
+    b = post(native, "/v1/completions", body)["choices"][0]
+    assert a["text"] == b["text"] and a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+    assert_close(a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"])
+    for x, y in zip(a["logprobs"]["top_logprobs"][1:], b["logprobs"]["top_logprobs"][1:], strict=True):
+        assert set(x) == set(y)
+    scored = {"prompt": [ids], "max_tokens": 0, "logprobs": 1, "echo": True}
+    assert_close(
+        post(vllm, "/v1/completions", scored)["choices"][0]["logprobs"]["token_logprobs"],
+        Reference(tiny_dir).scores(ids),
+    )
+    chat_body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "temperature": 0,
+        "logprobs": True,
+    }
+    x = post(vllm, "/v1/chat/completions", chat_body)["choices"][0]["logprobs"]["content"]
+    y = post(native, "/v1/chat/completions", chat_body)["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in x] == [e["token"] for e in y]
+    assert_close([e["logprob"] for e in x], [e["logprob"] for e in y])

@@ -388,31 +388,25 @@ def test_bad_structured_input_is_a_400_naming_the_field(server, path: str, extra
 
 @pytest.mark.vllm
 @NEEDS_VLLM
-def test_vllm_structured_outputs_agree_with_native(start_server, tiny_dir) -> None:
+def test_vllm_structured_outputs_agree_with_native(vllm_and_native) -> None:
     """vLLM's own structured outputs (its xgrammar over its tokenizer's vocabulary) allow what ours
     allow: greedy constrained answers are the same on both backends, and valid."""
-    flags = ("--device", "cpu", "--kv-cache-gb", "1")
-    vllm = start_server("--model-path", tiny_dir, "--engine", "vllm", *flags, wait=False).wait_ready(timeout=900)
-    native = start_server("--model-path", tiny_dir, "--engine", "native", *flags)
+    vllm, native = vllm_and_native
     validator = jsonschema_rs.validator_for(PERSON)
-    try:
-        for extra in (
-            {"response_format": schema_format(PERSON)},
-            {"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2}"}},
-            {"structured_outputs": {"choice": ["是", "否"]}},
-            {"tools": [WEATHER], "tool_choice": "required"},
-        ):
-            answers = [chat(s, temperature=0, **extra) for s in (vllm, native)]
-            assert answers[0]["message"] == answers[1]["message"] or (
-                answers[0]["message"]["tool_calls"]
-                and [c["function"] for c in answers[0]["message"]["tool_calls"]]
-                == [c["function"] for c in answers[1]["message"]["tool_calls"]]
-            )
-        for seed in SEEDS[:3]:
-            validator.validate(load(chat(vllm, seed=seed, response_format=schema_format(PERSON))["message"]["content"]))
-    finally:
-        vllm.stop()
-        native.stop()
+    for extra in (
+        {"response_format": schema_format(PERSON)},
+        {"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2}"}},
+        {"structured_outputs": {"choice": ["是", "否"]}},
+        {"tools": [WEATHER], "tool_choice": "required"},
+    ):
+        answers = [chat(s, temperature=0, **extra) for s in (vllm, native)]
+        assert answers[0]["message"] == answers[1]["message"] or (
+            answers[0]["message"]["tool_calls"]
+            and [c["function"] for c in answers[0]["message"]["tool_calls"]]
+            == [c["function"] for c in answers[1]["message"]["tool_calls"]]
+        )
+    for seed in SEEDS[:3]:
+        validator.validate(load(chat(vllm, seed=seed, response_format=schema_format(PERSON))["message"]["content"]))
 
 
 @pytest.mark.vllm

@@ -10,7 +10,7 @@ What is measured: prompt tokens scored per second. Every request is `POST /v1/co
 and its answer must carry `choices[0].logprobs.token_logprobs` for every prompt token (the first
 null) and `usage.prompt_tokens` equal to the prompt's length; vLLM's must also carry
 `prompt_logprobs` of that length. vLLM serves `max_tokens: 0` with echo by generating one token
-and dropping it (vllm/entrypoints/openai/completion/protocol.py), so it does one decode step more
+and dropping it, so it does one decode step more
 than ours per request. Should a vLLM refuse `max_tokens: 0`, the run starts again with
 `max_tokens: 1` for both servers (`--max-tokens 1` asks for that from the start); the printed
 header says which was sent.

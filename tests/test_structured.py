@@ -353,6 +353,11 @@ def test_langchain_with_structured_output(server) -> None:
         ),
         ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
         ("/v1/completions", {"structured_outputs": {"regex": "(["}}, "structured_outputs.regex"),
+        (
+            "/v1/completions",
+            {"structured_outputs": {"json": {"$ref": "http://example.com/s.json"}}},
+            "structured_outputs.json",
+        ),
         ("/v1/completions", {"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
         (
             "/v1/completions",

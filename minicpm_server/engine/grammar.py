@@ -50,6 +50,7 @@ def to_grammar(constraint: Constraint) -> Any:
 
     try:
         if constraint.kind == "json":
+            _refuse_remote_refs(json.loads(constraint.value), constraint.param)
             return xgr.Grammar.from_json_schema(constraint.value, **COMPACT)
         if constraint.kind == "json_object":
             return xgr.Grammar.from_json_schema('{"type": "object"}', **COMPACT)
@@ -59,8 +60,29 @@ def to_grammar(constraint: Constraint) -> Any:
             options = json.loads(constraint.value)
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options))
         return xgr.Grammar.from_ebnf(constraint.value)
-    except (RuntimeError, ValueError) as exc:  # xgrammar reports every parse problem as one of these
+    except ConstraintError:
+        raise
+    except (
+        Exception
+    ) as exc:  # xgrammar's C++ side raises RuntimeError, its Python side others; all are the input's fault
         raise ConstraintError(f"{constraint.param}: {_reason(exc)}", constraint.param) from None
+
+
+def _refuse_remote_refs(schema: Any, param: str) -> None:
+    """xgrammar resolves only references inside the schema ("#/$defs/x"); for any other it would
+    warn and let anything through, which a client would never notice."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+                raise ConstraintError(
+                    f"{param}: $ref {ref!r} is not supported: only references inside the schema", param
+                )
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _reason(exc: Exception) -> str:

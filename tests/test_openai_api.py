@@ -148,9 +148,10 @@ def test_same_seed_same_answer(sdk) -> None:
     ("extra", "param"),
     [
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # "auto": no tool format
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+        ({"response_format": {"type": "json_schema"}}, "response_format"),  # without the schema
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"tool_choice": "required"}, "tool_choice"),

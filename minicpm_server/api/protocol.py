@@ -244,6 +244,8 @@ class ChatCompletionMessage(StrictModel):
             raise unsupported("content", "null only on an assistant message with tool_calls")
         if self.tool_calls is not None and self.role != "assistant":
             raise unsupported("tool_calls", "only an assistant message carries tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise unsupported("tool_call_id", "a tool message names the call it answers")
         return self
 
     def text(self) -> str:

@@ -46,7 +46,7 @@ def _ns(seconds: float) -> int:
 
 
 def _line(body: dict[str, Any]) -> str:
-    return json.dumps(body, ensure_ascii=False) + "\n"
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n"  # compact, as Ollama writes it
 
 
 # --------------------------------------------------------------------------- /api/chat, /api/generate

@@ -258,6 +258,20 @@ def test_logprobs_as_the_openai_endpoint_gives_them(client, server) -> None:
     assert all(len(e.top_logprobs) == 2 for e in r.logprobs)
 
 
+def test_empty_or_null_content_is_an_empty_turn(client, server) -> None:
+    """The official client leaves an empty content out; Ollama reads a missing or null one as empty."""
+    messages = [{"role": "assistant", "content": ""}, {"role": "user", "content": "hi"}]
+    expected = openai_chat(server, messages)["choices"][0]["message"]["content"]
+    assert client.chat(model="m", messages=messages, options=GREEDY).message.content == expected
+    body = {
+        "model": "m",
+        "stream": False,
+        "options": GREEDY,
+        "messages": [{"role": "assistant", "content": None}, messages[1]],
+    }
+    assert requests.post(server.url + "/api/chat", json=body, timeout=120).json()["message"]["content"] == expected
+
+
 def test_loading_requests_answer_at_once(client) -> None:
     """Nothing to generate from: Ollama loads the model (here it is loaded) and says so."""
     assert client.generate(model="m").done_reason == "load"

@@ -228,7 +228,7 @@ class OllamaGeneration(StrictModel):
 
 class OllamaMessage(StrictModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: Text = Field("", description="MiniCPM renders system and assistant turns as plain text.")
+    content: Text | None = Field("", description="MiniCPM renders system and assistant turns as plain text.")
     images: list[Text] | None = None
     thinking: Text | None = None
     tool_calls: list[JsonValue] | None = None
@@ -273,7 +273,9 @@ class OllamaChatRequest(RenderedPrompt, OllamaGeneration):
         return super().unsupported()
 
     def prompt_text(self, tokenizer: Tokenizer) -> str:
-        return chat.render_chat(tokenizer, [{"role": m.role, "content": m.content} for m in self.messages])
+        # Ollama reads a null or missing content as empty; the official client leaves empty ones out.
+        turns = [{"role": m.role, "content": m.content or ""} for m in self.messages]
+        return chat.render_chat(tokenizer, turns)
 
     def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
         return self.generation_request(prompt_ids, context_window, chat.TURN_MARKERS)

@@ -20,10 +20,24 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from minicpm_server.api import generation
+from minicpm_server.api import generation, ollama_responses
 from minicpm_server.api.errors import APIError, endpoints_of, install_error_handlers
 from minicpm_server.api.metrics import Metrics
-from minicpm_server.api.middleware import BodyLimitMiddleware, LegacyJsonBodyMiddleware, RequestLogMiddleware
+from minicpm_server.api.middleware import BodyLimitMiddleware, LenientJsonBodyMiddleware, RequestLogMiddleware
+from minicpm_server.api.ollama_protocol import (
+    OllamaChatRequest,
+    OllamaChatResponse,
+    OllamaError,
+    OllamaGenerateRequest,
+    OllamaGenerateResponse,
+    OllamaGeneration,
+    OllamaShowRequest,
+    PsResponse,
+    ShowResponse,
+    TagsResponse,
+    VersionResponse,
+)
+from minicpm_server.api.ollama_responses import OllamaChatFormat, OllamaFormat, OllamaGenerateFormat
 from minicpm_server.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -50,6 +64,7 @@ from minicpm_server.api.service import ModelService
 from minicpm_server.api.structured import chat_turns
 from minicpm_server.engine.protocol import DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from minicpm_server.model import chat
+from minicpm_server.model.facts import ModelFacts
 from minicpm_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -163,6 +178,112 @@ def openai_routes() -> APIRouter:
         )
 
     return router
+
+
+# Ollama's model-management routes, which a server of one checkpoint cannot honour, and what to do instead.
+OLLAMA_REFUSALS: list[tuple[str, str, str]] = [
+    (
+        "POST",
+        "/pull",
+        "this server serves one model, '{model}', and cannot pull others: download MiniCPM-2B with "
+        "'python download.py' and start a server with --model-path",
+    ),
+    ("POST", "/push", "this server cannot push models to a registry"),
+    (
+        "POST",
+        "/create",
+        "this server cannot create models from a Modelfile: it serves '{model}' from --model-path; "
+        "send sampling settings as each request's options",
+    ),
+    ("DELETE", "/delete", "this server cannot delete models: stop it and remove the checkpoint directory"),
+    ("POST", "/copy", "this server cannot copy models: requests may name '{model}' by any name"),
+    ("POST", "/embed", "'{model}' is a chat model, not an embedding model: this server computes no embeddings"),
+    ("POST", "/embeddings", "'{model}' is a chat model, not an embedding model: this server computes no embeddings"),
+]
+
+
+def ollama_routes() -> APIRouter:
+    """Ollama's API (its docs/api.md), so Ollama's clients work unchanged; errors answer Ollama's
+    `{"error": "..."}` (errors.py, from this router's prefix)."""
+    router = APIRouter(prefix="/api", tags=["ollama"])
+    generation_errors = {
+        200: {"content": {"application/x-ndjson": {}}},
+        **error_responses(400, 401, 413, 429, 503, 504, model=OllamaError),
+    }
+
+    @router.post("/chat", response_model=OllamaChatResponse, responses=generation_errors)
+    async def chat_route(body: OllamaChatRequest, request: Request) -> Any:
+        return await _ollama_generation(request, body, OllamaChatFormat)
+
+    @router.post("/generate", response_model=OllamaGenerateResponse, responses=generation_errors)
+    async def generate(body: OllamaGenerateRequest, request: Request) -> Any:
+        return await _ollama_generation(request, body, OllamaGenerateFormat)
+
+    @router.get("/tags", response_model=TagsResponse, responses=error_responses(401, 503, model=OllamaError))
+    async def tags(request: Request) -> TagsResponse:
+        service = _service(request)
+        service.require_engine()
+        return TagsResponse(models=[ollama_responses.listed(service.settings.model_name, _facts(service))])
+
+    @router.post("/show", response_model=ShowResponse, responses=error_responses(400, 401, 404, 503, model=OllamaError))
+    async def show(body: OllamaShowRequest, request: Request) -> ShowResponse:
+        service = _service(request)
+        engine = service.require_engine()
+        name = service.settings.model_name
+        if body.asked not in (name, f"{name}:latest"):  # Ollama reads a name without a tag as ":latest"
+            raise APIError(404, f"model '{body.asked}' not found: this server serves '{name}'")
+        template = engine.tokenizer.chat_template or chat.MINICPM_CHAT_TEMPLATE
+        return ollama_responses.show(name, _facts(service), engine.context_window, template)
+
+    @router.get("/ps", response_model=PsResponse, responses=error_responses(401, model=OllamaError))
+    async def ps(request: Request) -> PsResponse:
+        """The model in memory: none while it loads."""
+        service = _service(request)
+        engine = service.engine
+        if engine is None or service.facts is None or not engine.alive:
+            return PsResponse(models=[])
+        name = service.settings.model_name
+        return PsResponse(models=[ollama_responses.running(name, service.facts, engine.context_window)])
+
+    @router.get("/version", response_model=VersionResponse, responses=error_responses(401, model=OllamaError))
+    async def version(request: Request) -> VersionResponse:
+        return VersionResponse(version=request.app.version)
+
+    for method, path, message in OLLAMA_REFUSALS:
+        router.add_api_route(
+            path,
+            _refusal(message),
+            methods=[method],
+            responses=error_responses(400, 401, model=OllamaError),
+            summary=f"Not offered: {method} /api{path}",
+        )
+    return router
+
+
+def _refusal(message: str) -> Callable[[Request], Any]:
+    async def refuse(request: Request) -> None:
+        raise APIError(400, message.format(model=_service(request).settings.model_name))
+
+    return refuse
+
+
+def _facts(service: ModelService) -> ModelFacts:
+    assert service.facts is not None  # set before the engine is (service.py)
+    return service.facts
+
+
+async def _ollama_generation(
+    request: Request, body: OllamaGeneration, formatter: Callable[[str, TokenNames, bool], OllamaFormat]
+) -> Any:
+    service = _service(request)
+    engine = service.require_engine()
+    answer = formatter(service.settings.model_name, TokenNames(engine.tokenizer), body.logprobs)
+    if body.loads_only:
+        return JSONResponse(answer.loaded())
+    (gen,) = await _submit(request, body)
+    if body.stream:
+        return StreamingResponse(answer.stream(gen), media_type="application/x-ndjson", headers=STREAM_HEADERS)
+    return JSONResponse(await answer.whole(gen))
 
 
 def tokenizer_routes() -> APIRouter:
@@ -330,6 +451,9 @@ def create_app(
     app.state.tutorial_endpoints = endpoints_of(tutorial)  # their errors carry the tutorial's keys (errors.py)
     app.include_router(tutorial, dependencies=guarded)
     app.include_router(openai_routes(), dependencies=guarded)
+    ollama = ollama_routes()
+    app.state.ollama_prefix = ollama.prefix  # errors under it take Ollama's shape (errors.py)
+    app.include_router(ollama, dependencies=guarded)
     app.include_router(tokenizer_routes(), dependencies=guarded)
     app.include_router(metrics_routes(), dependencies=guarded)
     if settings.testing_fault_injection:
@@ -342,7 +466,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(LegacyJsonBodyMiddleware)
+    app.add_middleware(LenientJsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware, metrics=metrics, log_prompts=settings.log_prompts)
     return app

@@ -1,8 +1,9 @@
 """Every error the server answers with, mapped to a status code in one place.
 
-Bodies follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, on every route,
-so the openai SDK raises the matching exception class. A 500 never carries a traceback: the
-details go to the server log only.
+Bodies follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so the openai SDK
+raises the matching exception class; the tutorial's POST / adds its own keys, and Ollama's routes
+answer Ollama's shape, `{"error": "message"}`, which its clients read. A 500 never carries a
+traceback: the details go to the server log only.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import logging
+import typing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -62,7 +64,9 @@ class ClientDisconnected(Exception):
 def error_response(error: APIError, scope: Scope | None = None) -> JSONResponse:
     """The JSON error body; on the tutorial's POST / it also carries that endpoint's own keys
     (`response` null, `status`, `time`), so the tutorial's client reads a failure instead of
-    dying on a missing key."""
+    dying on a missing key; under Ollama's /api it is Ollama's `{"error": "message"}`."""
+    if scope is not None and is_ollama(scope):
+        return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
     body: dict[str, Any] = {
         "error": {
             "message": error.message,
@@ -79,11 +83,23 @@ def error_response(error: APIError, scope: Scope | None = None) -> JSONResponse:
 def is_legacy_chat(scope: Scope) -> bool:
     """A route of the tutorial's (POST /). Middlewares run before routing, so this looks the
     method and path up in what create_app recorded from the tutorial's router."""
+    found = _app_state(scope, "tutorial_endpoints") or frozenset()
+    return (scope.get("method"), scope.get("path")) in found
+
+
+def is_ollama(scope: Scope) -> bool:
+    """A path under the prefix of Ollama's router (create_app records it): its routes, and the
+    paths and methods it lacks, so an Ollama client reads every error there."""
+    prefix = _app_state(scope, "ollama_prefix")
+    path = scope.get("path", "")
+    return bool(prefix) and (path == prefix or path.startswith(prefix + "/"))
+
+
+def _app_state(scope: Scope, name: str) -> Any:
     app = scope.get("app")
     if scope.get("type") != "http" or app is None:
-        return False
-    found = getattr(app.state, "tutorial_endpoints", frozenset())
-    return (scope.get("method"), scope.get("path")) in found
+        return None
+    return getattr(app.state, name, None)
 
 
 def endpoints_of(router: Any) -> frozenset[tuple[str, str]]:
@@ -134,9 +150,7 @@ def describe_validation_error(exc: RequestValidationError, request: Request) -> 
             400, "request body must be a JSON object sent with 'Content-Type: application/json'", code="invalid_body"
         )
     if kind == "extra_forbidden":
-        return APIError(
-            400, f"unknown field '{field}'{_did_you_mean(loc[-1], request)}", param=field, code="unknown_field"
-        )
+        return APIError(400, f"unknown field '{field}'{_did_you_mean(loc, request)}", param=field, code="unknown_field")
     if kind == UNSUPPORTED:  # a model_validator in protocol.py: the context names the field
         param = str(first.get("ctx", {}).get("param", field))
         return APIError(400, str(first.get("msg")), param=param, code=UNSUPPORTED)
@@ -146,11 +160,35 @@ def describe_validation_error(exc: RequestValidationError, request: Request) -> 
     return APIError(400, f"{where}: {message}{more}", param=field, code="invalid_value")
 
 
-def _did_you_mean(name: str, request: Request) -> str:
-    """A hint naming the field the client probably meant, among the endpoint's own fields."""
-    model = body_model(request.scope)
-    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6) if model else []
+def _did_you_mean(loc: list[str], request: Request) -> str:
+    """A hint naming the field the client probably meant, among the fields of the model the unknown
+    one was found in: the endpoint's body, or an object inside it (Ollama's `options`, a message)."""
+    model = _model_at(body_model(request.scope), loc[:-1])
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6) if model else []
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _model_at(model: type[BaseModel] | None, path: list[str]) -> type[BaseModel] | None:
+    """The model reached from `model` through the fields named in `path` (list indices skipped)."""
+    for part in path:
+        if model is None:
+            return None
+        if part.isdigit():
+            continue  # an item of a list: the list field already led to the item's model
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -82,6 +82,7 @@ class TrackedGeneration:
     metrics: Metrics
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    finished_at: float | None = None  # when Finished arrived (perf_counter, as `started`)
     text_parts: list[str] = field(default_factory=list)
     finished: Finished | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -155,7 +156,7 @@ class TrackedGeneration:
 
     def _record(self, done: Finished) -> None:
         self.finished = done
-        now = time.perf_counter()
+        now = self.finished_at = time.perf_counter()
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
         self.metrics.observe_generation(done.prompt_tokens, done.completion_tokens, ttft, now - self.started)
         self._note_usage(done.completion_tokens)

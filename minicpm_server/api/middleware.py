@@ -1,5 +1,5 @@
-"""ASGI middlewares: the request log (and request metrics), the body size limit, and the
-tutorial's clients' missing Content-Type."""
+"""ASGI middlewares: the request log (and request metrics), the body size limit, and the missing
+Content-Type of the tutorial's and Ollama's clients."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from minicpm_server.api.errors import APIError, error_response, is_legacy_chat
+from minicpm_server.api.errors import APIError, error_response, is_legacy_chat, is_ollama
 from minicpm_server.api.metrics import Metrics
 
 log = logging.getLogger("minicpm_server")
@@ -110,15 +110,16 @@ class BodyLimitMiddleware:
         await error_response(error, scope)(scope, receive, send)
 
 
-# --------------------------------------------------------------------------- the tutorial's clients
+# --------------------------------------------------------------------------- the tutorial's and Ollama's clients
 
 
-class LegacyJsonBodyMiddleware:
-    """POST / reads its body as JSON even without `Content-Type: application/json`.
+class LenientJsonBodyMiddleware:
+    """POST / and Ollama's /api routes read their body as JSON even without `Content-Type: application/json`.
 
     The tutorial's server did, and its clients rely on it: `requests.post(url, data=json.dumps(...))`
-    sends no Content-Type, `curl -d '{...}'` sends form encoding. A body that is not JSON still
-    gets "not valid JSON" (400). Other routes keep FastAPI's rule, which refuses such bodies.
+    sends no Content-Type, `curl -d '{...}'` sends form encoding. Ollama reads any body as JSON, and
+    its documentation's curl examples send none. A body that is not JSON still gets "not valid
+    JSON" (400). The /v1 routes keep FastAPI's rule, which refuses such bodies.
     """
 
     LENIENT = (b"", b"application/x-www-form-urlencoded")
@@ -127,7 +128,7 @@ class LegacyJsonBodyMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if is_legacy_chat(scope):
+        if is_legacy_chat(scope) or is_ollama(scope):
             headers = [(k, v) for k, v in scope.get("headers") or () if k != b"content-type"]
             given = dict(scope.get("headers") or ()).get(b"content-type", b"")
             if given.split(b";")[0].strip().lower() in self.LENIENT:

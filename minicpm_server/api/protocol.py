@@ -485,18 +485,7 @@ class CompletionRequest(OpenAIFields):
             return [PromptInput(tokenizer.encode(text), text) for text in given]  # type: ignore[arg-type]
         lists = [given] if isinstance(given[0], int) else given
         where = "prompt" if isinstance(given[0], int) else "prompt[{}]"
-        return [self._ids_prompt(ids, where.format(i), tokenizer) for i, ids in enumerate(lists)]  # type: ignore[arg-type]
-
-    @staticmethod
-    def _ids_prompt(ids: list[int], where: str, tokenizer: Tokenizer) -> PromptInput:
-        for position, token in enumerate(ids):
-            if token >= tokenizer.vocab_size:
-                raise InvalidRequest(
-                    f"{where}[{position}]: token id {token} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
-                    "prompt",
-                    "invalid_token_id",
-                )
-        return PromptInput(list(ids), tokenizer.decode(ids))
+        return [token_ids_prompt(ids, where.format(i), "prompt", tokenizer) for i, ids in enumerate(lists)]  # type: ignore[arg-type]
 
     def to_generation_request(self, prompt_ids: list[int], context_window: int) -> GenerationRequest:
         given = [("max_tokens", self.max_tokens)]
@@ -510,6 +499,18 @@ class CompletionRequest(OpenAIFields):
             constraint=self.constraint(),
         )
         return GenerationRequest(prompt_ids, params, field)
+
+
+def token_ids_prompt(ids: list[int], where: str, param: str, tokenizer: Tokenizer) -> PromptInput:
+    """Token ids a client sent, checked against the vocabulary (a 400 naming the position)."""
+    for position, token in enumerate(ids):
+        if token >= tokenizer.vocab_size:
+            raise InvalidRequest(
+                f"{where}[{position}]: token id {token} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                param,
+                "invalid_token_id",
+            )
+    return PromptInput(list(ids), tokenizer.decode(ids))
 
 
 def _stop_list(stop: str | list[str] | None) -> tuple[str, ...]:

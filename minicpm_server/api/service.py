@@ -19,6 +19,7 @@ from minicpm_server.api.protocol import HealthResponse
 from minicpm_server.engine import create_engine
 from minicpm_server.engine.protocol import Engine, EngineStats
 from minicpm_server.exceptions import StartupError, one_line
+from minicpm_server.model.facts import ModelFacts, model_facts
 from minicpm_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -45,13 +46,15 @@ class ModelService:
         self.state = "loading"
         self.detail: str | None = None
         self.engine: Engine | None = None
+        self.facts: ModelFacts | None = None  # set with the engine: what Ollama's model routes describe
         self.draining = False
 
     def start_loading(self) -> None:
         threading.Thread(target=self._load, name="minicpm-loader", daemon=True).start()
 
     def _load(self) -> None:
-        from minicpm_server.model.checkpoint import preflight  # torch: loaded with the model, not with the app
+        # torch: loaded with the model, not with the app
+        from minicpm_server.model.checkpoint import preflight, resolve_dtype
 
         s = self.settings
         try:
@@ -59,6 +62,11 @@ class ModelService:
             engine = create_engine(s, checked)
             engine.start()
             self.metrics.watch_engine(engine)
+            dtype = str(resolve_dtype(s.dtype, checked.device)).removeprefix("torch.")
+            if engine.name == "vllm" and s.quantization:
+                dtype = s.quantization  # vLLM quantized the weights as it loaded them
+            files = checked.files
+            self.facts = model_facts(files.config, files.weight_files, dtype, checked.device.type)
         except StartupError as exc:
             self._fail(str(exc))
             return

@@ -13,6 +13,7 @@ What is supported and how (README, "Structured outputs"):
   with `parallel_tool_calls: false`). `tool_choice: "auto"` (OpenAI's default when tools are
   sent) is refused: MiniCPM-2B has no tool-call format of its own, so letting it decide whether
   to call would mean guessing from free text. `"none"` answers in text, ignoring the tools.
+* Ollama's `format` (`/api/chat`, `/api/generate`): `"json"` as json_object, a schema as json_schema.
 * In the history, an assistant turn's tool calls are written after its text as the same JSON list
   the model produces under "required", and a tool result becomes a user turn, `<用户>Result of
   NAME: CONTENT<AI>`, so the model answers it next.
@@ -65,6 +66,16 @@ def requested_constraint(
     assert spec is not None
     schema = spec.schema_ if spec.schema_ is not None else {"type": "object"}
     return Constraint("json", _canonical(schema), "response_format.json_schema.schema")
+
+
+def format_constraint(value: str | dict[str, Any] | None) -> Constraint | None:
+    """Ollama's `format`: "json" asks for a JSON object (Ollama's JSON mode, our json_object), a
+    schema for JSON valid against it; "" or absent for free text."""
+    if not value:
+        return None
+    if value == "json":
+        return Constraint("json_object", "", "format")
+    return Constraint("json", _canonical(value), "format")
 
 
 def _canonical(schema: Any) -> str:

@@ -10,6 +10,7 @@ import ollama
 import pytest
 import requests
 
+from minicpm_server.api.ollama_protocol import OLLAMA_API_VERSION
 from minicpm_server.model import chat
 from minicpm_server.model.checkpoint import inspect_checkpoint, load_tokenizer
 from minicpm_server.model.facts import parameter_count, parameter_size
@@ -71,7 +72,7 @@ def test_list_show_ps_and_version(client, server, tiny_dir) -> None:
     (running,) = client.ps().models
     assert running.model == "MiniCPM-tiny" and running.context_length == config["max_position_embeddings"]
     assert running.size_vram == 0  # on CPU
-    assert requests.get(server.url + "/api/version", timeout=30).json() == {"version": "0.1.0"}
+    assert requests.get(server.url + "/api/version", timeout=30).json() == {"version": OLLAMA_API_VERSION}
 
 
 def test_parameter_count_is_the_models(loaded) -> None:

@@ -25,6 +25,7 @@ from minicpm_server.api.errors import APIError, endpoints_of, install_error_hand
 from minicpm_server.api.metrics import Metrics
 from minicpm_server.api.middleware import BodyLimitMiddleware, LenientJsonBodyMiddleware, RequestLogMiddleware
 from minicpm_server.api.ollama_protocol import (
+    OLLAMA_API_VERSION,
     OllamaChatRequest,
     OllamaChatResponse,
     OllamaError,
@@ -247,7 +248,7 @@ def ollama_routes() -> APIRouter:
 
     @router.get("/version", response_model=VersionResponse, responses=error_responses(401, model=OllamaError))
     async def version(request: Request) -> VersionResponse:
-        return VersionResponse(version=request.app.version)
+        return VersionResponse(version=OLLAMA_API_VERSION)
 
     for method, path, message in OLLAMA_REFUSALS:
         router.add_api_route(

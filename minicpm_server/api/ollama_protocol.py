@@ -452,5 +452,11 @@ class ShowResponse(BaseModel):
     modified_at: str
 
 
+# What GET /api/version answers: the Ollama release whose API these routes follow, not our own
+# version. Ollama's clients read it as the API level (VS Code's Copilot Chat, for one, refuses a
+# server below a minimum Ollama version); the server's own version is in /openapi.json.
+OLLAMA_API_VERSION = "0.12.0"
+
+
 class VersionResponse(BaseModel):
     version: str

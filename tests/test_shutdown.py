@@ -24,7 +24,10 @@ def test_request_timeout_gives_504_and_cancels(start_server, long_dir) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_graceful_shutdown_finishes_in_flight(start_server, long_dir, sig) -> None:
-    server = start_server("--model-path", long_dir, "--device", "cpu", "--shutdown-timeout", "600")
+    # No request deadline: on a busy machine 3,000 tokens may take longer than the default one.
+    server = start_server(
+        "--model-path", long_dir, "--device", "cpu", "--shutdown-timeout", "600", "--request-timeout", "0"
+    )
     url, body = long_generation(server.url, 3000)
     with ThreadPoolExecutor(2) as pool:
         in_flight = [pool.submit(requests.post, url, json=body, timeout=600) for _ in range(2)]

@@ -22,6 +22,7 @@ from minicpm_server.api.protocol import (
     InvalidRequest,
     JsonValue,
     PromptInput,
+    RefusesUnsupported,
     RenderedPrompt,
     SamplingFields,
     Stop,
@@ -153,7 +154,7 @@ class OllamaOptions(StrictModel):
         return budget, field
 
 
-class OllamaGeneration(StrictModel):
+class OllamaGeneration(RefusesUnsupported):
     """What /api/chat and /api/generate share."""
 
     model: Annotated[Text, Field(min_length=1)] = Field(description="Any name: the served model answers.")
@@ -175,14 +176,6 @@ class OllamaGeneration(StrictModel):
         if isinstance(value, str) and value not in ("", "json"):
             raise unsupported("format", 'send "json" or a JSON schema (an object)')
         return value
-
-    @model_validator(mode="after")
-    def _refuse_unsupported(self):
-        """A 400 at parse time for the first field set to something we cannot do: never silently ignored."""
-        problem = self.unsupported()
-        if problem is not None:
-            raise unsupported(*problem)
-        return self
 
     @property
     def opts(self) -> OllamaOptions:

@@ -121,6 +121,21 @@ class ChatMessage(StrictModel):
     content: Text
 
 
+class RefusesUnsupported(StrictModel):
+    """A request model that refuses, while it is parsed, the first field set to something we
+    cannot do (`unsupported()` says which and why): never silently ignored."""
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        problem = self.unsupported()
+        if problem is not None:
+            raise unsupported(*problem)
+        return self
+
+    def unsupported(self) -> tuple[str, str] | None:
+        return None
+
+
 class SamplingFields(StrictModel):
     """Sampling options shared by every generation endpoint."""
 
@@ -319,7 +334,7 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class OpenAIFields(SamplingFields):
+class OpenAIFields(RefusesUnsupported, SamplingFields):
     """Fields both /v1 generation endpoints take, including OpenAI's that we only accept at their defaults."""
 
     model: Text | None = Field(None, description="Any name is accepted; answers name the served model.")
@@ -341,14 +356,6 @@ class OpenAIFields(SamplingFields):
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM's extension: json, regex, choice, grammar (EBNF) or json_object."
     )
-
-    @model_validator(mode="after")
-    def _refuse_unsupported(self):
-        """A 400 at parse time for the first field set to something we cannot do: never silently ignored."""
-        problem = self.unsupported()
-        if problem is not None:
-            raise unsupported(*problem)
-        return self
 
     def constraint(self) -> Constraint | None:
         """What response_format or structured_outputs asks the answer to be (None: free text)."""

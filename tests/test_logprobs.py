@@ -252,6 +252,7 @@ USER_X = [{"role": "user", "content": "x"}]
         ("/v1/completions", {"prompt": [], "max_tokens": 1}, "prompt"),
         ("/v1/completions", {"prompt": [[]], "max_tokens": 1}, "prompt"),
         ("/v1/completions", {"prompt": ["a", [1]], "max_tokens": 1}, "prompt"),
+        ("/v1/completions", {"prompt": [[1, 2, "x"]], "max_tokens": 1}, "prompt"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ("/v1/completions", {"prompt": [[1, 2], [3, 99999999]], "max_tokens": 1}, "prompt"),
         ("/detokenize", {"tokens": [1, 99999999]}, "tokens"),

@@ -467,6 +467,9 @@ class CompletionRequest(OpenAIFields):
                 raise PydanticCustomError(
                     "mixed_prompt", "a prompt list holds strings, token ids, or lists of token ids, not a mix"
                 )
+            nested = [item for item in value if isinstance(item, list)]
+            if any(type(token) is not int for item in nested for token in item):
+                raise PydanticCustomError("mixed_prompt", "a list of token ids holds integers only")
             empty = next((i for i, item in enumerate(value) if item == []), None)
             if empty is not None:
                 raise PydanticCustomError(

@@ -79,6 +79,7 @@ def _serve(settings, checked) -> int:
     import uvicorn
 
     from minicpm_server.api.app import create_app
+    from minicpm_server.api.connections import guarded_protocol
     from minicpm_server.api.draining import DrainingServer
 
     fatal: list[str] = []
@@ -90,15 +91,44 @@ def _serve(settings, checked) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=stop_on_fatal, preflight=checked)
+    _raise_open_files_limit(settings.max_connections)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, access_log=False, log_config=None, timeout_graceful_shutdown=5
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(settings.read_timeout, settings.max_connections, app.state.service.metrics.refused),
+        timeout_keep_alive=settings.timeout_keep_alive,  # type: ignore[arg-type]  (uvicorn takes any number)
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=5,
     )
     server = DrainingServer(config, app.state.service, settings.shutdown_timeout)
     server.run()
     if fatal:
         print(f"error: {fatal[0]}", file=sys.stderr)
-        return 2
+        # 2: the server never became ready; 3: its engine died while serving (a supervisor restarts it)
+        return 3 if app.state.service.was_ready else 2
     return 0 if server.started else 1
+
+
+def _raise_open_files_limit(max_connections: int) -> None:
+    """Each connection is a file descriptor: make room for --max-connections (and the model's
+    files) under the soft limit, as far as the hard limit allows."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        if new_soft < wanted:
+            logging.getLogger("minicpm_server").warning(
+                "open files limit is %d: fewer than --max-connections %d can be served; raise `ulimit -n`",
+                new_soft,
+                max_connections,
+            )
 
 
 if __name__ == "__main__":

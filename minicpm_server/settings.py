@@ -62,11 +62,36 @@ class Settings(BaseSettings):
         ge=0,
         description=_env("request_timeout", "Seconds a request may take (0: no limit); beyond, 504 and cancelled."),
     )
+    read_timeout: float = Field(
+        30.0,
+        ge=0,
+        description=_env(
+            "read_timeout",
+            "Seconds a client may take to send a request's headers and body (0: no limit); beyond, 408 and "
+            "the connection closed. Answers, streams included, are not cut by it.",
+        ),
+    )
+    timeout_keep_alive: float = Field(
+        5.0, gt=0, description=_env("timeout_keep_alive", "Seconds an idle kept-alive connection stays open.")
+    )
+    max_connections: int = Field(
+        1000,
+        ge=0,
+        description=_env(
+            "max_connections", "Open connections allowed (0: no cap); past it, 503 and the connection closed."
+        ),
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description=_env("shutdown_timeout", "On SIGTERM/SIGINT, seconds in-flight requests may finish.")
     )
     testing_fault_injection: bool = Field(
         False, description=_env("testing_fault_injection", "Testing only: enable POST /debug/fault.")
+    )
+    testing_start_fault: Literal["oom", "fatal"] | None = Field(
+        None,
+        description=_env(
+            "testing_start_fault", "Testing only: inject this fault before the warm-up generation (start-up fails)."
+        ),
     )
     log_prompts: bool = Field(False, description=_env("log_prompts", "Log prompt and answer texts (off: counts only)."))
     empty_cache: Literal["idle", "always", "never"] = Field(

@@ -23,7 +23,12 @@ from fastapi.staticfiles import StaticFiles
 from minicpm_server.api import generation, ollama_responses
 from minicpm_server.api.errors import APIError, endpoints_of, install_error_handlers
 from minicpm_server.api.metrics import Metrics
-from minicpm_server.api.middleware import BodyLimitMiddleware, LenientJsonBodyMiddleware, RequestLogMiddleware
+from minicpm_server.api.middleware import (
+    BodyLimitMiddleware,
+    LenientJsonBodyMiddleware,
+    RequestIdMiddleware,
+    RequestLogMiddleware,
+)
 from minicpm_server.api.ollama_protocol import (
     OLLAMA_API_VERSION,
     OllamaChatRequest,
@@ -425,7 +430,7 @@ def create_app(
     settings: Settings, on_fatal: Callable[[str], None] | None = None, preflight: Preflight | None = None
 ) -> FastAPI:
     """The app; `preflight` carries the start-up checks api.py already made, so they run once."""
-    metrics = Metrics()
+    metrics = Metrics(settings.model_name)
     service = ModelService(settings, metrics, on_fatal, preflight)
 
     @asynccontextmanager
@@ -465,9 +470,11 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.allowed_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id"],
         )
     app.add_middleware(LenientJsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware, metrics=metrics, log_prompts=settings.log_prompts)
+    app.add_middleware(RequestIdMiddleware)  # outermost: everything inside sees the id
     return app

@@ -8,6 +8,7 @@ traceback: the details go to the server log only.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import difflib
 import logging
@@ -26,6 +27,10 @@ from minicpm_server.engine.grammar import ConstraintError
 from minicpm_server.engine.protocol import ContextOverflowError, EngineError, EngineUnavailableError, QueueFullError
 
 log = logging.getLogger("minicpm_server")
+
+# The request being served, set by RequestIdMiddleware for everything the request runs (its route,
+# its stream, its error handlers), so every error body can name it without passing it around.
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -65,9 +70,13 @@ def error_response(error: APIError, scope: Scope | None = None) -> JSONResponse:
     """The JSON error body; on the tutorial's POST / it also carries that endpoint's own keys
     (`response` null, `status`, `time`), so the tutorial's client reads a failure instead of
     dying on a missing key; under Ollama's /api it is Ollama's `{"error": "message"}`."""
+    request_id = request_id_var.get()
     if scope is not None and is_ollama(scope):
-        return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
-    body: dict[str, Any] = {
+        body: dict[str, Any] = {"error": error.message}
+        if request_id:
+            body["request_id"] = request_id
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
+    body = {
         "error": {
             "message": error.message,
             "type": _TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error"),
@@ -75,6 +84,8 @@ def error_response(error: APIError, scope: Scope | None = None) -> JSONResponse:
             "code": error.code,
         }
     }
+    if request_id:
+        body["error"]["request_id"] = request_id
     if scope is not None and is_legacy_chat(scope):
         body.update(response=None, status=error.status, time=datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
     return JSONResponse(body, status_code=error.status, headers=error.headers)
@@ -229,4 +240,6 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_payload(exc: Exception) -> dict[str, Any]:
     """The error body for a failure that happens after a stream has started."""
     known = as_api_error(exc) or APIError(500, "internal server error; see the server log", code="internal_error")
-    return {"message": known.message, "type": _TYPES.get(known.status, "server_error"), "code": known.code}
+    payload = {"message": known.message, "type": _TYPES.get(known.status, "server_error"), "code": known.code}
+    request_id = request_id_var.get()
+    return payload if request_id is None else {**payload, "request_id": request_id}

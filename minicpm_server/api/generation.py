@@ -82,6 +82,7 @@ class TrackedGeneration:
     metrics: Metrics
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    last_token_at: float = 0.0
     finished_at: float | None = None  # when Finished arrived (perf_counter, as `started`)
     text_parts: list[str] = field(default_factory=list)
     finished: Finished | None = None
@@ -134,8 +135,7 @@ class TrackedGeneration:
                 except StopAsyncIteration:
                     return
                 if isinstance(event, TextDelta):
-                    if self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
+                    self._note_token_times(event.completion_tokens)
                     self.text_parts.append(event.text)
                     self.logprobs.extend(event.logprobs)
                     if event.prompt_logprobs is not None:
@@ -153,6 +153,17 @@ class TrackedGeneration:
             if self.finished is None and not failed:
                 self.handle.cancel()  # the consumer stopped early: free the engine's slot now
                 self.request.state.cancelled = True
+
+    def _note_token_times(self, completion_tokens: int) -> None:
+        """The first token's time, then the gaps between later ones (for the latency metrics)."""
+        now = time.perf_counter()
+        new_tokens = completion_tokens - self.completion_tokens
+        if self.first_token_at is None:
+            self.first_token_at = now
+        elif new_tokens > 0:
+            self.metrics.observe_token_gap(now - self.last_token_at, new_tokens)
+        if new_tokens > 0:
+            self.last_token_at = now
 
     def _record(self, done: Finished) -> None:
         self.finished = done

@@ -1,17 +1,53 @@
-"""ASGI middlewares: the request log (and request metrics), the body size limit, and the missing
-Content-Type of the tutorial's and Ollama's clients."""
+"""ASGI middlewares: request ids, the request log (and request metrics), the body size limit, and
+the missing Content-Type of the tutorial's and Ollama's clients."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from minicpm_server.api.errors import APIError, error_response, is_legacy_chat, is_ollama
+from minicpm_server.api.errors import APIError, error_response, is_legacy_chat, is_ollama, request_id_var
 from minicpm_server.api.metrics import Metrics
 
 log = logging.getLogger("minicpm_server")
+
+
+# A client's own id is kept when it is short and printable (what proxies and SDKs send: UUIDs,
+# hex, "req_..."); anything else is replaced, so a log line cannot be forged or flooded through it.
+_CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+
+
+def request_id_from(scope: Scope) -> str:
+    """The request's id: the client's X-Request-Id when acceptable, else a new one."""
+    given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
+    return given if _CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Gives every request an id: in `X-Request-Id` on the answer, in its log line, in error bodies."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        request_id_var.set(request_id)  # each request runs in a context of its own (uvicorn's task)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class RequestLogMiddleware:
@@ -39,6 +75,8 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_and_note_status)
         finally:
+            if scope["state"].get("read_timeout"):
+                status = 408  # what the connection layer answered (connections.py); the app's answer was dropped
             self._log(scope, status, time.perf_counter() - start)
             route = scope.get("route")  # set by the router when a route matched
             self.metrics.observe_request(getattr(route, "path", None), status)
@@ -47,6 +85,8 @@ class RequestLogMiddleware:
         """Generations and failures at info; health probes, metrics scrapes and page files at debug."""
         state = scope.get("state") or {}
         line = f"{scope.get('method', '-')} {scope.get('path', '-')} status={status}"
+        if "request_id" in state:
+            line += f" request_id={state['request_id']}"
         if state.get("cancelled"):
             line += " cancelled"
         if "usage" in state:  # only requests that reached the engine have token counts

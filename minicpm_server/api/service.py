@@ -1,12 +1,20 @@
-"""The model's lifecycle for the app: load in the background, serve, drain, stop.
+"""The model's lifecycle for the app: load in the background, warm up, serve, drain, stop.
 
 The model loads on a background thread after the server starts listening, so `/health` answers
 503 ("loading") until the engine is ready and 200 after; generation routes answer 503 with
 Retry-After meanwhile.
+
+"Ready" means the engine has generated: before it, one token is generated from a short prompt
+(the warm-up), so an engine that loads but cannot run a step (a kernel its device lacks, an
+attention layout its backend refuses) fails the start-up with its error, instead of answering
+503 to every request later. Once ready, a watcher notices an engine that dies (its thread, or
+vLLM's worker); the server then answers what was in flight (503) and exits non-zero, so a
+supervisor (systemd, Docker, Kubernetes, Ray) restarts it, rather than staying up without a model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -17,7 +25,7 @@ from minicpm_server.api.errors import APIError
 from minicpm_server.api.metrics import Metrics
 from minicpm_server.api.protocol import HealthResponse
 from minicpm_server.engine import create_engine
-from minicpm_server.engine.protocol import Engine, EngineStats
+from minicpm_server.engine.protocol import Engine, EngineStats, Finished, GenerationRequest, SamplingParams
 from minicpm_server.exceptions import StartupError, one_line
 from minicpm_server.model.facts import ModelFacts, model_facts
 from minicpm_server.settings import Settings
@@ -26,6 +34,9 @@ if TYPE_CHECKING:
     from minicpm_server.model.checkpoint import Preflight
 
 log = logging.getLogger("minicpm_server")
+
+WARM_UP_TIMEOUT_S = 1800.0  # a first CUDA step may compile kernels; a 2-core CPU is slow
+WATCH_INTERVAL_S = 0.5
 
 
 class ModelService:
@@ -48,6 +59,8 @@ class ModelService:
         self.engine: Engine | None = None
         self.facts: ModelFacts | None = None  # set with the engine: what Ollama's model routes describe
         self.draining = False
+        self.was_ready = False
+        self._stopped = threading.Event()
 
     def start_loading(self) -> None:
         threading.Thread(target=self._load, name="minicpm-loader", daemon=True).start()
@@ -57,11 +70,17 @@ class ModelService:
         from minicpm_server.model.checkpoint import preflight, resolve_dtype
 
         s = self.settings
+        began = time.perf_counter()
         try:
             checked = self.preflight or preflight(s.model_path, s.device)
             engine = create_engine(s, checked)
             engine.start()
             self.metrics.watch_engine(engine)
+            loaded = time.perf_counter()
+            if s.testing_start_fault:
+                log.warning("injecting a %s fault before the warm-up (--testing-start-fault)", s.testing_start_fault)
+                engine.inject_fault(s.testing_start_fault)
+            warm_up(engine)
             dtype = str(resolve_dtype(s.dtype, checked.device)).removeprefix("torch.")
             if engine.name == "vllm" and s.quantization:
                 dtype = s.quantization  # vLLM quantized the weights as it loaded them
@@ -73,10 +92,26 @@ class ModelService:
         except Exception as exc:
             self._fail(f"loading the model failed: {one_line(exc)}")
             return
-        self.engine, self.state = engine, "ready"
+        self.engine, self.state, self.was_ready = engine, "ready", True
         log.info(
-            "ready: %s on the %s engine (context window %d tokens)", s.model_name, engine.name, engine.context_window
+            "ready: %s on the %s engine (context window %d tokens; loaded in %.1f s, warm-up generation %.2f s)",
+            s.model_name,
+            engine.name,
+            engine.context_window,
+            loaded - began,
+            time.perf_counter() - loaded,
         )
+        threading.Thread(target=self._watch, args=(engine,), name="minicpm-engine-watch", daemon=True).start()
+
+    def _watch(self, engine: Engine) -> None:
+        """Notice an engine that stops by itself (not by stop() or a drain): that is fatal."""
+        while not self._stopped.wait(WATCH_INTERVAL_S):
+            if not engine.alive and not self.draining and not self._stopped.is_set():
+                self._fail(
+                    "the generation engine stopped unexpectedly (see the error above); exiting so that a "
+                    "supervisor can restart the server"
+                )
+                return
 
     def _fail(self, message: str) -> None:
         self.state, self.detail = "failed", message
@@ -117,6 +152,7 @@ class ModelService:
         return stats.running > 0 or stats.waiting > 0
 
     def stop(self) -> None:
+        self._stopped.set()
         if self.engine is not None:
             self.engine.stop()
 
@@ -130,3 +166,20 @@ class ModelService:
         if self.busy():
             log.warning("shutdown timeout reached: cancelling the requests still in flight")
         self.stop()
+
+
+def warm_up(engine: Engine, timeout: float = WARM_UP_TIMEOUT_S) -> None:
+    """Generate one token greedily from a one-token prompt, or raise StartupError saying why not."""
+    request = GenerationRequest([engine.tokenizer.bos_token_id], SamplingParams(max_new_tokens=1, do_sample=False))
+
+    async def generate_one() -> None:
+        async for event in engine.submit(request).events():
+            if isinstance(event, Finished):
+                return
+
+    try:
+        asyncio.run(asyncio.wait_for(generate_one(), timeout))
+    except asyncio.TimeoutError:
+        raise StartupError(f"the engine did not generate a first token within {timeout:g} s (warm-up)") from None
+    except Exception as exc:
+        raise StartupError(f"the engine loaded but could not generate (warm-up): {one_line(exc)}") from None

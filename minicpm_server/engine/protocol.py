@@ -136,6 +136,8 @@ class EngineStats:
     prefix_hit_tokens: int | None = None  # prompt tokens whose KV a cached prefix supplied
     kv_used_tokens: int | None = None  # token slots held by requests or cached prefixes
     kv_capacity_tokens: int | None = None
+    kv_usage: float | None = None  # the share in use, for a backend that reports only that (vLLM)
+    prefix_query_tokens: int | None = None  # prompt tokens looked up in the prefix cache
 
 
 # --------------------------------------------------------------------------- errors

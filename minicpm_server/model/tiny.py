@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from minicpm_server.model.chat import MINICPM_CHAT_TEMPLATE
+from minicpm_server.model.tokenizer import BUILT_HERE_MARKER
 
 # The tokenizer is trained on at most this many pieces; larger vocabularies are padded with
 # unreachable filler pieces (training 122,753 real pieces would take minutes).
@@ -427,7 +428,13 @@ def build_tiny_checkpoint(
     write_weights(out, random_state_dict(shape, seed, dtype), weights_format, shards)
     for name in ("modeling_minicpm.py", "configuration_minicpm.py"):
         (out / name).write_text(_DECOY_CODE.format(marker=EXECUTED_MARKER), encoding="utf-8")
+    mark_built_here(out)
     return out
+
+
+def mark_built_here(out: Path) -> None:
+    """Say that this checkpoint is ours (model/tokenizer.py then keeps quiet about its tokenizer.json)."""
+    (out / BUILT_HERE_MARKER).write_text("random weights, built by minicpm_server.model.tiny\n", encoding="utf-8")
 
 
 def cached_tiny_checkpoint(
@@ -437,6 +444,8 @@ def cached_tiny_checkpoint(
     tag = "-real-tokenizer" if tokenizer_from is not None else ""
     target = Path(cache_root) / f"minicpm-{size}-seed{seed}{TOKENIZER_GENERATION}{tag}"
     if (target / ".complete").exists():
+        if not (target / BUILT_HERE_MARKER).exists():
+            mark_built_here(target)  # built by a version that did not mark its checkpoints
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

@@ -196,13 +196,19 @@ def _split_on_names(text: str, names: dict[str, int], encode) -> list[int]:
     return ids
 
 
+# A checkpoint that model/tiny.py built has this file. Its tokenizer.json is lossy on purpose (as the
+# real download's is), so the disagreement is no news to whoever started the demo: not warned about.
+BUILT_HERE_MARKER = ".built-by-minicpm-server"
+
+
 def load_tokenizer(directory: Path) -> Tokenizer:
-    """The checkpoint's tokenizer by the rule above; warns once when tokenizer.json disagrees."""
+    """The checkpoint's tokenizer by the rule above; warns once when tokenizer.json disagrees
+    (for checkpoints the user brought, not the ones this project builds)."""
     config = _read_config(directory / "tokenizer_config.json")
     model_file, json_file = directory / "tokenizer.model", directory / "tokenizer.json"
     if model_file.is_file():
         tokenizer = SentencePieceTokenizer(model_file, config)
-        if json_file.is_file():
+        if json_file.is_file() and not (directory / BUILT_HERE_MARKER).is_file():
             warn_if_json_disagrees(tokenizer, json_file, config)
         return tokenizer
     if json_file.is_file():

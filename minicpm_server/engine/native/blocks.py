@@ -49,6 +49,7 @@ class BlockPool:
         self._idle: OrderedDict[int, None] = OrderedDict()  # indexed, unreferenced; oldest first
         self.peak_used = 0
         self.hit_tokens = 0  # prompt tokens whose prefill a cached prefix saved
+        self.query_tokens = 0  # prompt tokens looked up in the prefix index (vLLM's "queries")
         self.evictions = 0
 
     # ----------------------------------------------------------------- sizes
@@ -90,6 +91,8 @@ class BlockPool:
         self.peak_used = max(self.peak_used, self.used)
         cached_tokens = len(shared) * self.block_size
         self.hit_tokens += cached_tokens
+        if reuse:
+            self.query_tokens += len(prompt)
         return table, cached_tokens
 
     def release(self, table: Sequence[int]) -> None:

@@ -168,6 +168,7 @@ class NativeEngine(EngineBase):
             self.num_running,
             self.num_waiting,
             prefix_hit_tokens=pool.hit_tokens,
+            prefix_query_tokens=pool.query_tokens,
             kv_used_tokens=pool.used * self.block_size,
             kv_capacity_tokens=pool.capacity_tokens,
         )
@@ -246,8 +247,10 @@ class NativeEngine(EngineBase):
                     except Exception as exc:  # every failure must reach the requests
                         self._fail_in_flight(exc)
         except BaseException as exc:
-            log.critical("the generation engine thread died: %s", type(exc).__name__)
-            raise
+            # Logged here, with the traceback of a real crash (an injected one needs none); the
+            # server notices the dead engine (api/service.py) and exits non-zero.
+            injected = isinstance(exc, EngineKilled)
+            log.critical("the generation engine thread died: %s", one_line(exc), exc_info=not injected)
         finally:
             # Whatever ended the loop, nobody may wait forever for an answer.
             with self._cv:

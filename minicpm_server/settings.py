@@ -118,8 +118,8 @@ class Settings(BaseSettings):
         gt=0,
         description=_env(
             "kv_cache_gb",
-            "KV cache size in GiB. native: any device; default on CPU 2 GiB (or one context window, if more), "
-            "on CUDA see the next. vllm: CPU only (VLLM_CPU_KVCACHE_SPACE, default 4).",
+            "KV cache size in GiB, on any device for native, on CPU for vllm. Default on CPU (both): 2 GiB, or one "
+            "context window if more; on CUDA see the next.",
         ),
     )
     gpu_memory_utilization: float = Field(

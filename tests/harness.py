@@ -132,6 +132,31 @@ def metric(base_url: str, name: str, labels: str = "", required: bool = False) -
     return float(match.group(1)) if match else 0.0
 
 
+DASHBOARD = REPO / "deploy" / "grafana" / "minicpm-server.json"
+
+
+def dashboard_metric_names() -> set[str]:
+    """The vllm: series the Grafana dashboard's queries read, as exported (with _total, _bucket...)."""
+    import json
+
+    exprs = [t["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for t in panel["targets"]]
+    variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    exprs += [v["definition"] for v in variables if "definition" in v]
+    return {name for expr in exprs for name in re.findall(r"vllm:[a-z0-9_:]+", expr)}
+
+
+def check_vllm_metric_names(base_url: str, model_name: str) -> dict[str, float]:
+    """Every series the dashboard reads is on /metrics, labelled with the model; their values."""
+    text = requests.get(base_url + "/metrics", timeout=30).text
+    found: dict[str, float] = {}
+    for name in sorted(dashboard_metric_names()):
+        pattern = rf'^{re.escape(name)}{{[^}}]*model_name="{re.escape(model_name)}"[^}}]*}} ([0-9.e+-]+)$'
+        values = [float(v) for v in re.findall(pattern, text, re.MULTILINE)]
+        assert values, f"{name} (model_name={model_name}) is not on /metrics"
+        found[name] = sum(values)
+    return found
+
+
 def wait_for_metric(base_url: str, name: str, ok, labels: str = "", timeout: float = 120.0) -> float:
     """Poll until ok(value) holds. The timeout only stops a broken server from hanging the suite:
     on a busy machine the wait may be long, and no assertion depends on how long it was."""

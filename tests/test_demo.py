@@ -20,7 +20,10 @@ def test_demo_mode_serves_and_warns(start_server, tmp_path) -> None:
     answer = requests.post(demo.url, json={"prompt": "你好", "max_length": 40})
     assert answer.status_code == 200 and set(answer.json()) == {"response", "status", "time"}
     time.sleep(0.1)
-    assert "random" in demo.log()  # the warning that answers are random text
+    warnings = [line for line in demo.log().splitlines() if " WARNING " in line]
+    # The one warning is that answers are random text: none about the demo's own files (its
+    # tokenizer.json disagrees with its tokenizer.model by design), which a newcomer reads as a fault.
+    assert len(warnings) == 1 and "random weights" in warnings[0], warnings
     [built] = (tmp_path / "minicpm-server").glob("minicpm-tiny-seed0*")
     assert (built / ".complete").exists() and "real-tokenizer" not in built.name
 

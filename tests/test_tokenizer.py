@@ -18,7 +18,12 @@ from hypothesis import strategies as st
 
 from minicpm_server.engine.detokenize import IncrementalDetokenizer
 from minicpm_server.model import chat
-from minicpm_server.model.tokenizer import SentencePieceTokenizer, TokenizerJsonTokenizer, load_tokenizer
+from minicpm_server.model.tokenizer import (
+    BUILT_HERE_MARKER,
+    SentencePieceTokenizer,
+    TokenizerJsonTokenizer,
+    load_tokenizer,
+)
 from tests import reference
 
 CORPUS = [
@@ -210,3 +215,21 @@ def test_greedy_answers_and_usage_match_a_sentencepiece_reference(real_server, p
     raw = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     completion = requests.post(server.url + "/v1/completions", json=raw, timeout=120).json()
     assert completion["usage"]["prompt_tokens"] == len(reference.encode(sp, prompt))
+
+
+def test_the_json_warning_is_for_checkpoints_the_user_brought(tiny_dir: Path, tmp_path: Path, caplog) -> None:
+    """Our own checkpoints' tokenizer.json is lossy on purpose: no warning about it. The same
+    files without our marker (a user's checkpoint) are warned about, as before."""
+    import shutil
+
+    assert (tiny_dir / BUILT_HERE_MARKER).is_file()
+    with caplog.at_level(logging.WARNING, logger="minicpm_server"):
+        load_tokenizer(tiny_dir)
+    assert not [r for r in caplog.records if "tokenizer.json" in r.getMessage()]
+    brought = tmp_path / "brought"
+    brought.mkdir()
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / name, brought / name)
+    with caplog.at_level(logging.WARNING, logger="minicpm_server"):
+        load_tokenizer(brought)
+    assert [r for r in caplog.records if "tokenizer.json tokenizes" in r.getMessage()]

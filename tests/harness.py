@@ -59,7 +59,7 @@ class ServerProcess:
             env=env or os.environ.copy(),
         )
 
-    def wait_ready(self, timeout: float = 120) -> ServerProcess:
+    def wait_ready(self, timeout: float = 300) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -50,7 +50,7 @@ def start_backend(start_server, model_dir: Path, engine: str, *extra: str) -> Se
     server = start_server(
         "--model-path", model_dir, "--engine", engine, *SERVER_FLAGS, "--testing-fault-injection", *extra, wait=False
     )
-    return server.wait_ready(timeout=VLLM_START_TIMEOUT if engine == "vllm" else 120)
+    return server.wait_ready(timeout=VLLM_START_TIMEOUT if engine == "vllm" else 300)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -1,0 +1,295 @@
+"""The Ray Serve application (minicpm_server/deploy) on a local Ray cluster, on the CPU, with the
+tiny model: replicas answer what one server answers, prefix routing keeps chats on their replica,
+a SIGKILLed replica costs only its in-flight requests and comes back, autoscaling follows load.
+
+Ray is heavy, so the default test command skips these where it is not installed;
+`bash scripts/test-ray.sh` (which CI runs) makes a cached venv with ray[serve] and runs
+`pytest -m ray`. One Ray cluster serves the whole module (it takes ~10 s to start here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from minicpm_server.deploy.routing import PrefixIndex, block_hashes, choose_by_prefix, routing_text
+
+RAY = importlib.util.find_spec("ray") is not None
+NEEDS_RAY = pytest.mark.skipif(
+    not RAY, reason="Ray is not installed here; `bash scripts/test-ray.sh` runs these in a venv with ray[serve]"
+)
+CLIENTS = 8
+
+# --------------------------------------------------------------------------- routing, without Ray
+
+
+def test_routing_text_extends_as_a_chat_goes_on() -> None:
+    first = [{"role": "user", "content": "hello"}]
+    later = [*first, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
+    for path, key, turn1, turn3 in (
+        ("/v1/chat/completions", "messages", first, later),
+        ("/api/chat", "messages", first, later),
+    ):
+        a = routing_text(path, json.dumps({key: turn1}).encode())
+        b = routing_text(path, json.dumps({key: turn3}).encode())
+        assert a and b.startswith(a) and len(b) > len(a)
+    # The tutorial's POST /: the prompt is the newest user turn, after the history.
+    a = routing_text("/", json.dumps({"prompt": "hello"}).encode())
+    b = routing_text("/", json.dumps({"prompt": "more", "history": later[:2]}).encode())
+    assert b.startswith(a)
+
+
+@pytest.mark.parametrize("body", [b"", b"{bad", b"[1, 2]", b'{"prompt": {"x": 1}}', b'{"messages": "no"}', b"\xff\xfe"])
+def test_routing_text_of_malformed_bodies_is_empty(body: bytes) -> None:
+    assert routing_text("/v1/completions", body) == ""
+
+
+def test_block_hashes_are_chained() -> None:
+    a = block_hashes("x" * 40, 16)
+    b = block_hashes("y" + "x" * 39, 16)
+    assert len(a) == 2 and a[1] != b[1]  # block 1 is equal text, but its prefix differs
+    assert block_hashes("x" * 15, 16) == []
+
+
+def test_longest_cached_prefix_wins_unless_load_is_uneven() -> None:
+    index = PrefixIndex()
+    chat = block_hashes("a" * 64)
+    index.record("r1", chat[:2])
+    index.record("r2", chat)
+    assert choose_by_prefix(index, chat, {"r1": 0, "r2": 0, "r3": 0}, 4)[0] == ["r2"]
+    assert choose_by_prefix(index, chat, {"r1": 0, "r2": 4, "r3": 0}, 4)[0] == ["r2"]
+    # Busier than the least loaded by more than the threshold: all replicas, the caller takes the lightest.
+    assert sorted(choose_by_prefix(index, chat, {"r1": 0, "r2": 5, "r3": 0}, 4)[0]) == ["r1", "r2", "r3"]
+    # An unseen prompt: every replica in one rank.
+    assert len(choose_by_prefix(index, block_hashes("b" * 64), {"r1": 0, "r2": 0}, 4)) == 1
+
+
+def test_forgotten_replicas_and_lru_bound() -> None:
+    index = PrefixIndex(max_blocks_per_replica=3)
+    hashes = block_hashes("c" * 80)  # 5 blocks
+    index.record("r1", hashes)
+    assert index.matched_blocks("r1", hashes) == 0  # the oldest (leading) blocks were dropped
+    index.record("r1", hashes[:3])
+    assert index.matched_blocks("r1", hashes) == 3
+    index.keep_only(["r2"])
+    assert index.matched_blocks("r1", hashes) == 0
+
+
+# --------------------------------------------------------------------------- a local Ray cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if not RAY:
+        pytest.skip("Ray is not installed here; `bash scripts/test-ray.sh` runs these in a venv with ray[serve]")
+    from bench.ray_serve import LocalCluster
+
+    started = LocalCluster(num_cpus=8)
+    yield started
+    started.shutdown()
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_dir: Path) -> dict:
+    return {"model_path": str(tiny_dir), "device": "cpu", "dtype": "float32", "max_batch": 16}
+
+
+@pytest.fixture(scope="module")
+def apps(cluster, settings) -> dict[str, str]:
+    """Two 2-replica applications side by side, one per router, started together."""
+    return cluster.deploy({r: (settings, {"routing": r, "num_replicas": 2}) for r in ("prefix", "power_of_two")})
+
+
+def _tutorial(url: str, n: int) -> tuple[str, str]:
+    r = requests.post(
+        url + "/", json={"prompt": f"tutorial {n} hello", "do_sample": False, "max_new_tokens": 8}, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["response"], r.headers.get("x-minicpm-replica", "")
+
+
+def _completion(url: str, n: int) -> tuple[str, str]:
+    body = {"prompt": f"completion {n} the model", "max_tokens": 8, "temperature": 0}
+    r = requests.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"], r.headers.get("x-minicpm-replica", "")
+
+
+def _streamed_chat(url: str, n: int) -> tuple[str, str]:
+    from bench.ray_serve import chat_turn
+
+    answer, _, replica = chat_turn(url, [{"role": "user", "content": f"chat {n} how are you"}], 8)
+    return answer, replica
+
+
+KINDS = [_tutorial, _completion, _streamed_chat]
+
+
+@NEEDS_RAY
+@pytest.mark.ray
+def test_two_replicas_answer_like_one_server(apps, server) -> None:
+    """40 requests from 8 clients, three kinds (one streamed): all answered, both replicas used,
+    and every greedy answer equals the single api.py server's."""
+    jobs = [(KINDS[n % len(KINDS)], n) for n in range(40)]
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        over_ray = list(pool.map(lambda job: job[0](apps["prefix"], job[1]), jobs))
+    alone = [kind(server.url, n)[0] for kind, n in jobs]
+    assert [answer for answer, _ in over_ray] == alone
+    assert len({replica for _, replica in over_ray}) == 2
+
+
+@NEEDS_RAY
+@pytest.mark.ray
+def test_same_surface_through_the_proxy(apps, server) -> None:
+    """Errors, health and the chat page come from the app itself, in its shapes."""
+    url = apps["prefix"]
+    for path, body in (("/v1/completions", b"{bad"), ("/", b"{}"), ("/api/generate", b"[]")):
+        via_ray = requests.post(url + path, data=body, timeout=60)
+        direct = requests.post(server.url + path, data=body, timeout=60)
+        assert via_ray.status_code == direct.status_code and via_ray.status_code in (400, 422)
+        assert via_ray.json().keys() == direct.json().keys()
+    assert requests.get(url + "/health", timeout=60).json()["status"] == "ok"
+    page = requests.get(url + "/", headers={"Accept": "text/html"}, timeout=60)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    models = [requests.get(base + "/v1/models", timeout=60).json() for base in (url, server.url)]
+    assert models[0]["data"][0]["id"] == models[1]["data"][0]["id"]
+
+
+@NEEDS_RAY
+@pytest.mark.ray
+def test_prefix_routing_keeps_chats_on_their_replica(cluster, apps) -> None:
+    """5-turn chats from 8 clients over 2 replicas under each router, one after the other: prefix
+    routing sends (nearly) every follow-up where its history is cached, and the engines' prefix
+    caches hit more than under Ray's default router."""
+    from bench.ray_serve import affinity, chat_sessions
+
+    names = ("minicpm_prefix_cache_hit_tokens_total", "minicpm_prompt_tokens_total")
+    before = {(r, n): cluster.settled_metric(n, r) for r in apps for n in names}
+    turns = {routing: chat_sessions(url, CLIENTS, 5, 8) for routing, url in apps.items()}
+    after = {(r, n): cluster.settled_metric(n, r) for r in apps for n in names}
+    hits, prompt = names
+    rates = {r: (after[r, hits] - before[r, hits]) / (after[r, prompt] - before[r, prompt]) for r in apps}
+    print(f"affinity: { {r: affinity(t) for r, t in turns.items()} }, prefix-cache hit rates: {rates}")
+    assert affinity(turns["prefix"]) >= 0.9
+    assert affinity(turns["prefix"]) > affinity(turns["power_of_two"])
+    assert rates["prefix"] > rates["power_of_two"]
+
+
+@NEEDS_RAY
+@pytest.mark.ray
+def test_replica_metrics_reach_rays_export_by_replica(cluster, apps) -> None:
+    _completion(apps["prefix"], 1)
+    deadline = time.monotonic() + 60
+    while len(by_replica := cluster.metric_by_replica("minicpm_generation_tokens_total", "prefix")) < 2:
+        assert time.monotonic() < deadline, by_replica
+        time.sleep(1)
+    assert sum(by_replica.values()) > 0
+
+
+def _outcome(url: str, n: int) -> str:
+    """A streamed chat or a plain completion: "ok", "503", "cut" (the connection dropped
+    mid-answer), "timeout", or another status."""
+    stream = n % 2 == 0
+    body = {"messages": [{"role": "user", "content": f"kill {n}"}], "max_tokens": 24, "stream": stream}
+    try:
+        with requests.post(url + "/v1/chat/completions", json=body, stream=stream, timeout=120) as r:
+            if r.status_code != 200:
+                return str(r.status_code)
+            text = r.text
+    except requests.exceptions.Timeout:
+        return "timeout"
+    except requests.exceptions.RequestException:
+        return "cut"
+    complete = text.rstrip().endswith("data: [DONE]") if stream else "choices" in json.loads(text)
+    return "ok" if complete else "cut"
+
+
+@NEEDS_RAY
+@pytest.mark.ray
+def test_sigkilled_replica_costs_only_its_requests_and_comes_back(cluster, apps) -> None:
+    """Under load from 8 clients, SIGKILL one replica: no request hangs (clients time out at 120 s,
+    and none does), failures are only requests in flight at the kill (503 or a cut stream), every
+    request sent after it succeeds, and Ray starts a replacement."""
+    from bench.ray_serve import replica_pids
+
+    url = apps["prefix"]
+    stop = threading.Event()
+    outcomes: list[tuple[float, float, str]] = []  # (sent, finished, outcome)
+
+    def client(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            sent = time.monotonic()
+            outcome = _outcome(url, n * 1000 + i)
+            outcomes.append((sent, time.monotonic(), outcome))
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    while len(outcomes) < 16:
+        time.sleep(0.05)
+    victim = replica_pids("prefix")[0]
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    while len([o for o in outcomes if o[0] > killed + 1]) < 24:  # load goes on after the kill
+        time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join(150)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    failed = [o for o in outcomes if o[2] != "ok"]
+    print(f"{len(outcomes)} requests, {len(failed)} failed: {sorted({o[2] for o in failed})}")
+    assert all(o[2] in ("503", "cut") for o in failed), failed
+    assert all(sent <= killed for sent, _, _ in failed), "a request sent after the kill failed"
+    assert len(failed) <= CLIENTS
+    cluster.wait_running("prefix", 2, timeout=240)
+    assert victim not in replica_pids("prefix")
+    assert _completion(url, 99999)[0]
+
+
+@NEEDS_RAY
+@pytest.mark.ray
+def test_autoscaling_follows_a_load_step(cluster, apps, settings) -> None:
+    """1 replica, then long generations from 8 clients: Ray adds the second (ongoing requests per
+    replica over the target); load stopped: back to 1."""
+    from ray import serve
+
+    from bench.ray_serve import load_until
+
+    for routing in apps:  # the machine's two cores to this test
+        serve.delete(routing)
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 2,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 5,
+        "look_back_period_s": 2,
+    }
+    url = cluster.deploy({"auto": (settings, {"autoscaling_config": autoscaling})})["auto"]
+    cluster.wait_running("auto", 1)
+    stop = threading.Event()
+
+    def body(n: int) -> dict:
+        return {"prompt": f"{n} load", "max_tokens": 200, "ignore_eos": True}
+
+    loader = threading.Thread(target=lambda: statuses.extend(load_until(stop, url, CLIENTS, body)), daemon=True)
+    statuses: list[int] = []
+    loader.start()
+    try:
+        cluster.wait_running("auto", 2, timeout=240)
+    finally:
+        stop.set()
+        loader.join(300)
+    assert statuses and set(statuses) == {200}
+    cluster.wait_running("auto", 1, timeout=240)

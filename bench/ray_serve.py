@@ -30,6 +30,10 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 REPLICA_DEPLOYMENT = "MiniCPMReplica"
+HITS = "minicpm_prefix_cache_hit_tokens_total"
+PROMPT_TOKENS = "minicpm_prompt_tokens_total"
+# Replicas copy their metrics to Ray's export every second here (2 s by default).
+FAST_METRICS = {"metrics_export_period_s": 1.0}
 
 
 def _free_port() -> int:
@@ -51,6 +55,8 @@ class LocalCluster:
         from ray import serve
 
         self.metrics_port = _free_port()
+        # Ray's own metric reports every second (default 10 s), so a measurement's totals settle fast.
+        os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
         env = {
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
@@ -102,16 +108,17 @@ class LocalCluster:
                 found[replica] = float(value)
         return found
 
-    def settled_metric(self, name: str, app: str, timeout: float = 60) -> float:
-        """The app's total once two reads a few seconds apart agree (the export lags by seconds)."""
+    def settled_totals(self, names: list[str], apps: list[str], timeout: float = 60) -> dict[tuple[str, str], float]:
+        """Each metric's total over each app's replicas, once two reads 2.5 s apart agree (the
+        replicas copy every second, Ray reports every second)."""
         deadline = time.monotonic() + timeout
         last = None
         while True:
-            total = sum(self.metric_by_replica(name, app).values())
-            if total == last or time.monotonic() > deadline:
-                return total
-            last = total
-            time.sleep(6)
+            totals = {(n, a): sum(self.metric_by_replica(n, a).values()) for n in names for a in apps}
+            if totals == last or time.monotonic() > deadline:
+                return totals
+            last = totals
+            time.sleep(2.5)
 
     def shutdown(self) -> None:
         import ray
@@ -285,7 +292,9 @@ def main() -> None:
     try:
         # Both routers' apps side by side, 2 replicas each; the 1-replica arm is the prefix app
         # scaled down after.
-        urls = cluster.deploy({r: (settings, {"routing": r, "num_replicas": 2}) for r in ("prefix", "power_of_two")})
+        urls = cluster.deploy(
+            {r: (settings, {"routing": r, "num_replicas": 2, **FAST_METRICS}) for r in ("prefix", "power_of_two")}
+        )
         print(
             "\n5-turn chats,", args.clients, "clients, 2 replicas each (alternating runs: prefix, pow2, prefix, pow2)"
         )
@@ -293,9 +302,9 @@ def main() -> None:
         for _ in range(2):
             for routing, url in urls.items():
                 results[routing].append(chat_sessions(url, args.clients, 5, args.answer_tokens))
+        totals = cluster.settled_totals([HITS, PROMPT_TOKENS], list(urls))
         for routing in urls:
-            hits = cluster.settled_metric("minicpm_prefix_cache_hit_tokens_total", routing)
-            prompt = cluster.settled_metric("minicpm_prompt_tokens_total", routing)
+            hits, prompt = totals[HITS, routing], totals[PROMPT_TOKENS, routing]
             turn5 = [t.ttft for run in results[routing] for t in run if t.turn == 5]
             same = statistics.mean(affinity(run) for run in results[routing])
             print(
@@ -306,14 +315,14 @@ def main() -> None:
 
         print(f"\nthroughput: {args.clients} clients x {args.requests} completions of {args.tokens} tokens")
         two = [completions_load(urls["prefix"], args.clients, args.requests, args.tokens) for _ in range(2)]
-        cluster.deploy({r: (settings, {"routing": r, "num_replicas": 1}) for r in urls})
+        cluster.deploy({r: (settings, {"routing": r, "num_replicas": 1, **FAST_METRICS}) for r in urls})
         one = [completions_load(urls["prefix"], args.clients, args.requests, args.tokens) for _ in range(2)]
         rate = {n: statistics.median(made / secs for secs, made in runs) for n, runs in ((1, one), (2, two))}
         print(
             f"  1 replica: {rate[1]:.0f} tokens/s; 2 replicas: {rate[2]:.0f} tokens/s; ratio {rate[2] / rate[1]:.2f}x"
         )
 
-        cluster.deploy({"prefix": (settings, {"routing": "prefix", "num_replicas": 2})})
+        cluster.deploy({"prefix": (settings, {"routing": "prefix", "num_replicas": 2, **FAST_METRICS})})
         serving, replaced = recovery_seconds(cluster, "prefix", urls["prefix"], 2)
         print(
             f"\nSIGKILL of one of 2 replicas: requests answered again after {serving:.2f} s; replaced after {replaced:.1f} s"

@@ -28,6 +28,7 @@ NEEDS_RAY = pytest.mark.skipif(
     not RAY, reason="Ray is not installed here; `bash scripts/test-ray.sh` runs these in a venv with ray[serve]"
 )
 CLIENTS = 8
+REPO = Path(__file__).resolve().parent.parent
 
 # --------------------------------------------------------------------------- routing, without Ray
 
@@ -84,6 +85,39 @@ def test_forgotten_replicas_and_lru_bound() -> None:
     assert index.matched_blocks("r1", hashes) == 0
 
 
+# --------------------------------------------------------------------------- the application, unstarted
+
+
+@NEEDS_RAY
+@pytest.mark.ray
+@pytest.mark.parametrize("config", ["ray-serve.yaml", "ray-serve-cpu.yaml"])
+def test_sample_configs_are_valid_serve_configs(config: str) -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from minicpm_server.deploy.ray_serve import build_app
+
+    parsed = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "deploy" / config).read_text()))
+    for app in parsed.applications:
+        assert app.import_path == "minicpm_server.deploy.ray_serve:build_app"
+        build_app(app.args)  # settings and Ray args as the config gives them
+
+
+@NEEDS_RAY
+@pytest.mark.ray
+def test_unknown_or_invalid_args_are_refused_at_build() -> None:
+    from pydantic import ValidationError
+
+    from minicpm_server.deploy.ray_serve import build_app
+
+    with pytest.raises(ValueError, match=r"unknown args.*modle_path"):
+        build_app({"modle_path": "/x"})
+    with pytest.raises(ValidationError):
+        build_app({"max_batch": 0})
+    with pytest.raises(ValidationError):
+        build_app({"routing": "random"})
+
+
 # --------------------------------------------------------------------------- a local Ray cluster
 
 
@@ -100,13 +134,24 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def settings(tiny_dir: Path) -> dict:
-    return {"model_path": str(tiny_dir), "device": "cpu", "dtype": "float32", "max_batch": 16}
+    # Fault injection (POST /debug/fault) lets a test kill a replica's engine as a GPU fault would.
+    return {
+        "model_path": str(tiny_dir),
+        "device": "cpu",
+        "dtype": "float32",
+        "max_batch": 16,
+        "testing_fault_injection": True,
+    }
 
 
 @pytest.fixture(scope="module")
 def apps(cluster, settings) -> dict[str, str]:
     """Two 2-replica applications side by side, one per router, started together."""
-    return cluster.deploy({r: (settings, {"routing": r, "num_replicas": 2}) for r in ("prefix", "power_of_two")})
+    from bench.ray_serve import FAST_METRICS
+
+    return cluster.deploy(
+        {r: (settings, {"routing": r, "num_replicas": 2, **FAST_METRICS}) for r in ("prefix", "power_of_two")}
+    )
 
 
 def _tutorial(url: str, n: int) -> tuple[str, str]:
@@ -170,14 +215,14 @@ def test_prefix_routing_keeps_chats_on_their_replica(cluster, apps) -> None:
     """5-turn chats from 8 clients over 2 replicas under each router, one after the other: prefix
     routing sends (nearly) every follow-up where its history is cached, and the engines' prefix
     caches hit more than under Ray's default router."""
-    from bench.ray_serve import affinity, chat_sessions
+    from bench.ray_serve import HITS, PROMPT_TOKENS, affinity, chat_sessions
 
-    names = ("minicpm_prefix_cache_hit_tokens_total", "minicpm_prompt_tokens_total")
-    before = {(r, n): cluster.settled_metric(n, r) for r in apps for n in names}
+    names = [HITS, PROMPT_TOKENS]
+    before = cluster.settled_totals(names, list(apps))
     turns = {routing: chat_sessions(url, CLIENTS, 5, 8) for routing, url in apps.items()}
-    after = {(r, n): cluster.settled_metric(n, r) for r in apps for n in names}
-    hits, prompt = names
-    rates = {r: (after[r, hits] - before[r, hits]) / (after[r, prompt] - before[r, prompt]) for r in apps}
+    after = cluster.settled_totals(names, list(apps))
+    made = {key: after[key] - before[key] for key in after}
+    rates = {r: made[HITS, r] / made[PROMPT_TOKENS, r] for r in apps}
     print(f"affinity: { {r: affinity(t) for r, t in turns.items()} }, prefix-cache hit rates: {rates}")
     assert affinity(turns["prefix"]) >= 0.9
     assert affinity(turns["prefix"]) > affinity(turns["power_of_two"])
@@ -259,37 +304,66 @@ def test_sigkilled_replica_costs_only_its_requests_and_comes_back(cluster, apps)
 
 @NEEDS_RAY
 @pytest.mark.ray
+def test_replica_whose_engine_died_is_replaced(cluster, apps) -> None:
+    """The engine thread dies (as on a GPU fault) while the process lives: /health and Ray's
+    check_health report it, and Ray replaces the replica; the others keep answering."""
+    from bench.ray_serve import replica_pids
+
+    url = apps["prefix"]
+    before = set(replica_pids("prefix"))
+    armed = requests.post(url + "/debug/fault", json={"kind": "fatal"}, timeout=60)
+    assert armed.status_code == 202, armed.text
+    doomed = armed.headers["x-minicpm-replica"]
+    # The engine dies on its next step: send work until Ray has replaced the doomed replica. Its
+    # 503s are retried on the other replica, so every request is answered.
+    statuses: list[int] = []
+    deadline = time.monotonic() + 240
+    while not (before - set(replica_pids("prefix"))):
+        assert time.monotonic() < deadline, "the replica with the dead engine was not replaced"
+        r = requests.post(
+            url + "/v1/completions", json={"prompt": f"fault {len(statuses)}", "max_tokens": 4}, timeout=120
+        )
+        statuses.append(r.status_code)
+        time.sleep(0.2)
+    assert set(statuses) == {200}, statuses
+    cluster.wait_running("prefix", 2, timeout=240)
+    assert doomed not in {_completion(url, 424242 + n)[1] for n in range(6)}
+
+
+@NEEDS_RAY
+@pytest.mark.ray
 def test_autoscaling_follows_a_load_step(cluster, apps, settings) -> None:
-    """1 replica, then long generations from 8 clients: Ray adds the second (ongoing requests per
-    replica over the target); load stopped: back to 1."""
+    """The prefix app redeployed with autoscaling (1 to 2 replicas, target 2 ongoing requests
+    each): Ray keeps one replica while idle, adds the second under 8 clients' long generations,
+    and goes back to one when they stop."""
     from ray import serve
 
-    from bench.ray_serve import load_until
+    from bench.ray_serve import FAST_METRICS, load_until
 
-    for routing in apps:  # the machine's two cores to this test
-        serve.delete(routing)
+    serve.delete("power_of_two")  # the machine's cores to this test
     autoscaling = {
         "min_replicas": 1,
         "max_replicas": 2,
         "target_ongoing_requests": 2,
-        "upscale_delay_s": 1,
-        "downscale_delay_s": 5,
+        "metrics_interval_s": 0.5,
         "look_back_period_s": 2,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 3,
     }
-    url = cluster.deploy({"auto": (settings, {"autoscaling_config": autoscaling})})["auto"]
-    cluster.wait_running("auto", 1)
+    url = cluster.deploy({"prefix": (settings, {"autoscaling_config": autoscaling, **FAST_METRICS})})["prefix"]
+    cluster.wait_running("prefix", 1)
     stop = threading.Event()
+    statuses: list[int] = []
 
     def body(n: int) -> dict:
         return {"prompt": f"{n} load", "max_tokens": 200, "ignore_eos": True}
 
     loader = threading.Thread(target=lambda: statuses.extend(load_until(stop, url, CLIENTS, body)), daemon=True)
-    statuses: list[int] = []
     loader.start()
     try:
-        cluster.wait_running("auto", 2, timeout=240)
+        cluster.wait_running("prefix", 2, timeout=240)
     finally:
         stop.set()
         loader.join(300)
     assert statuses and set(statuses) == {200}
-    cluster.wait_running("auto", 1, timeout=240)
+    cluster.wait_running("prefix", 1, timeout=240)

@@ -18,11 +18,9 @@ from ray.serve import metrics as serve_metrics
 
 log = logging.getLogger("minicpm_server")
 
-EXPORT_PERIOD_S = 2.0
-
 
 class RayMetricsExport:
-    def __init__(self, registry: CollectorRegistry, period_s: float = EXPORT_PERIOD_S) -> None:
+    def __init__(self, registry: CollectorRegistry, period_s: float = 2.0) -> None:
         self._registry = registry
         self._period_s = period_s
         self._gauges: dict[tuple[str, tuple[str, ...]], serve_metrics.Gauge] = {}

@@ -13,10 +13,11 @@ Two deployments:
   request's headers when it routes; the body follows later, so a router in front of the replicas
   could not see the prompt. Answers stream back message by message.
 
-Failures (issue #24, item 4): a request whose replica dies before it has answered anything is
-sent once more, to another replica (generation has no side effects, so a retry is safe); if that
-fails too, or a replica dies mid-stream, the client gets a 503 (in the endpoint's error shape),
-or, mid-stream, a cut connection: a status already sent cannot be changed.
+Failures (issue #24, item 4): a request whose replica dies before it has answered anything, or
+answers 503 (its engine stopped, it is shutting down), is sent once more, to another replica
+(generation has no side effects, so a retry is safe). If that fails too the client gets a 503 in
+the endpoint's error shape; a replica lost mid-stream cuts the client's connection, since a
+status already sent cannot be changed.
 
 Settings: the same Settings as api.py (MINICPM_* environment variables, or the builder's args
 under the flags' names); Ray-specific args are in `RayArgs`.
@@ -72,9 +73,14 @@ class RayArgs(BaseModel):
     imbalance_threshold: int = Field(
         4, ge=0, description="Ongoing requests by which a prefix-matched replica may exceed the least loaded."
     )
-    num_replicas: int = Field(1, ge=1, description="Replicas, unless autoscaling_config is set.")
+    num_replicas: int | None = Field(
+        None, ge=1, description="Fixed replicas (default: Ray's, 1, or a Serve config's num_replicas/autoscaling)."
+    )
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Ray Serve's autoscaling_config for the replicas (min/max_replicas, target_ongoing_requests)."
+    )
+    metrics_export_period_s: float = Field(
+        2.0, gt=0, description="How often each replica copies its metrics to Ray's metrics export."
     )
     replica_cpus: float = Field(1.0, ge=0, description="Ray CPUs each replica reserves.")
     replica_gpus: float | None = Field(
@@ -111,7 +117,7 @@ class PrefixAffinityRouter(RequestRouter):
             # Without locality passes there is nothing to try before backing off (Ray's own
             # routers set this from their locality mixin).
             pending_request.routing_context.should_backoff = True
-        by_id = {r.replica_id: r for r in candidate_replicas}
+        by_id = {r.replica_id: r for r in _without_avoided(candidate_replicas, pending_request)}
         # Ongoing requests as the router last knew them (sends count at once, probes refresh);
         # Ray probes any replica the ranks name whose entry is missing or stale.
         loads = {rid: self.replica_queue_len_cache.get(rid) or 0 for rid in by_id}
@@ -130,6 +136,13 @@ class PrefixAffinityRouter(RequestRouter):
         self._index.forget(replica_id)
 
 
+def _without_avoided(replicas: list[RunningReplica], pending_request: PendingRequest | None) -> list[RunningReplica]:
+    """A retry names the replica that just failed it; any other will do, if there is one."""
+    avoid = pending_request.kwargs.get("avoid_replica") if pending_request is not None else None
+    others = [r for r in replicas if r.replica_id.unique_id != avoid]
+    return others or replicas
+
+
 # --------------------------------------------------------------------------- the deployments
 
 
@@ -137,7 +150,7 @@ class PrefixAffinityRouter(RequestRouter):
 class MiniCPMReplica:
     """One engine behind the app api.py serves, started and stopped by the app's own lifespan."""
 
-    async def __init__(self, settings: Settings) -> None:
+    async def __init__(self, settings: Settings, metrics_export_period_s: float = 2.0) -> None:
         from minicpm_server.model.tiny import demo_settings  # torch: in replicas only
 
         self.app = create_app(demo_settings(settings))
@@ -150,11 +163,13 @@ class MiniCPMReplica:
         if self.service.state != "ready":
             raise RuntimeError(self.service.detail or "the model failed to load")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self._metrics = RayMetricsExport(self.service.metrics.registry)
+        self._metrics = RayMetricsExport(self.service.metrics.registry, metrics_export_period_s)
         self._metrics.start()
 
-    async def handle(self, request: ForwardedRequest, routing_text: str = "") -> AsyncIterator[Message]:
-        """The app's ASGI messages for one request (`routing_text` is the router's, unused here)."""
+    async def handle(
+        self, request: ForwardedRequest, routing_text: str = "", avoid_replica: str = ""
+    ) -> AsyncIterator[Message]:
+        """The app's ASGI messages for one request (the keyword arguments are the router's)."""
         async for message in serve_in_process(self.app, request):
             if message["type"] == "http.response.start":
                 headers = [*message.get("headers", []), (REPLICA_HEADER, self.replica_id.encode())]
@@ -193,8 +208,11 @@ class MiniCPMIngress:
             client=tuple(request.scope["client"]) if request.scope.get("client") else None,
         )
         text = routing_text(forwarded.path, forwarded.body) if forwarded.method == "POST" else ""
+        avoid = ""
         for attempt in range(1, ATTEMPTS + 1):
-            stream: DeploymentResponseGenerator = self.replicas.remote(forwarded, routing_text=text)
+            stream: DeploymentResponseGenerator = self.replicas.remote(
+                forwarded, routing_text=text, avoid_replica=avoid
+            )
             try:
                 start = await stream.__anext__()
             except REPLICA_GONE as exc:
@@ -203,15 +221,15 @@ class MiniCPMIngress:
                 )
                 continue
             except BackPressureError:
-                return self._error(
-                    forwarded,
-                    APIError(
-                        429,
-                        "all replicas' queues are full; retry shortly",
-                        code="queue_full",
-                        headers={"Retry-After": "1"},
-                    ),
+                error = APIError(
+                    429, "all replicas' queues are full; retry shortly", code="queue_full", headers={"Retry-After": "1"}
                 )
+                return self._error(forwarded, error)
+            if start["status"] == 503 and attempt < ATTEMPTS:
+                # The replica served nothing (its engine stopped, or it is shutting down): another may.
+                stream.cancel()
+                avoid = dict(start.get("headers", [])).get(REPLICA_HEADER, b"").decode()
+                continue
             return _relay(start, stream)
         error = APIError(
             503,
@@ -270,7 +288,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"unknown args for the MiniCPM application: {', '.join(unknown)}")
     settings = Settings(**normalized)
     ray_args = RayArgs(**ray_fields)
-    replica = MiniCPMReplica.options(**replica_options(settings, ray_args)).bind(settings)
+    replica = MiniCPMReplica.options(**replica_options(settings, ray_args)).bind(
+        settings, ray_args.metrics_export_period_s
+    )
     return MiniCPMIngress.bind(replica, settings)
 
 
@@ -286,7 +306,7 @@ def replica_options(settings: Settings, ray_args: RayArgs) -> dict[str, Any]:
     }
     if ray_args.autoscaling_config is not None:
         options["autoscaling_config"] = ray_args.autoscaling_config
-    else:
+    elif ray_args.num_replicas is not None:
         options["num_replicas"] = ray_args.num_replicas
     if ray_args.routing == "prefix":
         options["request_router_config"] = RequestRouterConfig(

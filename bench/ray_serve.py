@@ -271,6 +271,41 @@ def load_until(stop: threading.Event, url: str, clients: int, make_body: Callabl
     return statuses
 
 
+AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 2,
+    "metrics_interval_s": 0.5,
+    "look_back_period_s": 2,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 3,
+}
+
+
+def autoscaling_step(cluster: LocalCluster, settings: dict[str, Any], clients: int) -> tuple[float, float]:
+    """A fresh autoscaled app; `clients` long generations at once: seconds until Ray runs 2
+    replicas, then, load stopped, until it is back to 1."""
+    url = cluster.deploy({"auto": (settings, {"autoscaling_config": AUTOSCALING, **FAST_METRICS})})["auto"]
+    cluster.wait_running("auto", 1)
+    stop = threading.Event()
+    loader = threading.Thread(
+        target=load_until,
+        args=(stop, url, clients, lambda n: {"prompt": f"{n} load", "max_tokens": 200, "ignore_eos": True}),
+        daemon=True,
+    )
+    began = time.monotonic()
+    loader.start()
+    try:
+        cluster.wait_running("auto", 2)
+        up = time.monotonic() - began
+    finally:
+        stop.set()
+        loader.join(300)
+    stopped = time.monotonic()
+    cluster.wait_running("auto", 1)
+    return up, time.monotonic() - stopped
+
+
 # --------------------------------------------------------------------------- the benchmark
 
 
@@ -280,8 +315,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32, help="tokens per completion in the throughput arm")
     parser.add_argument("--requests", type=int, default=6, help="completions per client in the throughput arm")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the throughput arm")
     parser.add_argument("--answer-tokens", type=int, default=8, help="tokens per chat answer")
     args = parser.parse_args()
+    from ray import serve
 
     from minicpm_server.model.tiny import cached_tiny_checkpoint, demo_cache_dir
 
@@ -313,19 +350,34 @@ def main() -> None:
                 f"follow-ups on the previous turn's replica {same:.0%}"
             )
 
-        print(f"\nthroughput: {args.clients} clients x {args.requests} completions of {args.tokens} tokens")
-        two = [completions_load(urls["prefix"], args.clients, args.requests, args.tokens) for _ in range(2)]
-        cluster.deploy({r: (settings, {"routing": r, "num_replicas": 1, **FAST_METRICS}) for r in urls})
-        one = [completions_load(urls["prefix"], args.clients, args.requests, args.tokens) for _ in range(2)]
-        rate = {n: statistics.median(made / secs for secs, made in runs) for n, runs in ((1, one), (2, two))}
+        # Throughput: the prefix app keeps 2 replicas, the other drops to 1 (with one replica the
+        # router has no choice to make); rounds alternate between them.
+        print(
+            f"\nthroughput: {args.clients} clients x {args.requests} completions of {args.tokens} tokens, alternating"
+        )
+        cluster.deploy({"power_of_two": (settings, {"routing": "power_of_two", "num_replicas": 1, **FAST_METRICS})})
+        cluster.wait_running("power_of_two", 1)
+        runs: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(args.rounds):
+            for replicas, app in ((2, "prefix"), (1, "power_of_two")):
+                secs, made = completions_load(urls[app], args.clients, args.requests, args.tokens)
+                runs[replicas].append(made / secs)
+        rate = {n: statistics.median(r) for n, r in runs.items()}
         print(
             f"  1 replica: {rate[1]:.0f} tokens/s; 2 replicas: {rate[2]:.0f} tokens/s; ratio {rate[2] / rate[1]:.2f}x"
         )
+        print(f"  rounds (tokens/s): 1 replica {[round(r) for r in runs[1]]}, 2 replicas {[round(r) for r in runs[2]]}")
 
-        cluster.deploy({"prefix": (settings, {"routing": "prefix", "num_replicas": 2, **FAST_METRICS})})
         serving, replaced = recovery_seconds(cluster, "prefix", urls["prefix"], 2)
         print(
             f"\nSIGKILL of one of 2 replicas: requests answered again after {serving:.2f} s; replaced after {replaced:.1f} s"
+        )
+        serve.delete("prefix")
+        serve.delete("power_of_two")
+        up, down = autoscaling_step(cluster, settings, args.clients)
+        print(
+            f"\nautoscaling 1-2 replicas, target 2 ongoing: 2 running {up:.1f} s after {args.clients} clients "
+            f"began, 1 again {down:.1f} s after they stopped"
         )
     finally:
         print(f"load average after: {os.getloadavg()}")

@@ -21,69 +21,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from minicpm_server.deploy.routing import PrefixIndex, block_hashes, choose_by_prefix, routing_text
-
 RAY = importlib.util.find_spec("ray") is not None
 NEEDS_RAY = pytest.mark.skipif(
     not RAY, reason="Ray is not installed here; `bash scripts/test-ray.sh` runs these in a venv with ray[serve]"
 )
 CLIENTS = 8
 REPO = Path(__file__).resolve().parent.parent
-
-# --------------------------------------------------------------------------- routing, without Ray
-
-
-def test_routing_text_extends_as_a_chat_goes_on() -> None:
-    first = [{"role": "user", "content": "hello"}]
-    later = [*first, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
-    for path, key, turn1, turn3 in (
-        ("/v1/chat/completions", "messages", first, later),
-        ("/api/chat", "messages", first, later),
-    ):
-        a = routing_text(path, json.dumps({key: turn1}).encode())
-        b = routing_text(path, json.dumps({key: turn3}).encode())
-        assert a and b.startswith(a) and len(b) > len(a)
-    # The tutorial's POST /: the prompt is the newest user turn, after the history.
-    a = routing_text("/", json.dumps({"prompt": "hello"}).encode())
-    b = routing_text("/", json.dumps({"prompt": "more", "history": later[:2]}).encode())
-    assert b.startswith(a)
-
-
-@pytest.mark.parametrize("body", [b"", b"{bad", b"[1, 2]", b'{"prompt": {"x": 1}}', b'{"messages": "no"}', b"\xff\xfe"])
-def test_routing_text_of_malformed_bodies_is_empty(body: bytes) -> None:
-    assert routing_text("/v1/completions", body) == ""
-
-
-def test_block_hashes_are_chained() -> None:
-    a = block_hashes("x" * 40, 16)
-    b = block_hashes("y" + "x" * 39, 16)
-    assert len(a) == 2 and a[1] != b[1]  # block 1 is equal text, but its prefix differs
-    assert block_hashes("x" * 15, 16) == []
-
-
-def test_longest_cached_prefix_wins_unless_load_is_uneven() -> None:
-    index = PrefixIndex()
-    chat = block_hashes("a" * 64)
-    index.record("r1", chat[:2])
-    index.record("r2", chat)
-    assert choose_by_prefix(index, chat, {"r1": 0, "r2": 0, "r3": 0}, 4)[0] == ["r2"]
-    assert choose_by_prefix(index, chat, {"r1": 0, "r2": 4, "r3": 0}, 4)[0] == ["r2"]
-    # Busier than the least loaded by more than the threshold: all replicas, the caller takes the lightest.
-    assert sorted(choose_by_prefix(index, chat, {"r1": 0, "r2": 5, "r3": 0}, 4)[0]) == ["r1", "r2", "r3"]
-    # An unseen prompt: every replica in one rank.
-    assert len(choose_by_prefix(index, block_hashes("b" * 64), {"r1": 0, "r2": 0}, 4)) == 1
-
-
-def test_forgotten_replicas_and_lru_bound() -> None:
-    index = PrefixIndex(max_blocks_per_replica=3)
-    hashes = block_hashes("c" * 80)  # 5 blocks
-    index.record("r1", hashes)
-    assert index.matched_blocks("r1", hashes) == 0  # the oldest (leading) blocks were dropped
-    index.record("r1", hashes[:3])
-    assert index.matched_blocks("r1", hashes) == 3
-    index.keep_only(["r2"])
-    assert index.matched_blocks("r1", hashes) == 0
-
 
 # --------------------------------------------------------------------------- the application, unstarted
 
@@ -338,19 +281,10 @@ def test_autoscaling_follows_a_load_step(cluster, apps, settings) -> None:
     and goes back to one when they stop."""
     from ray import serve
 
-    from bench.ray_serve import FAST_METRICS, load_until
+    from bench.ray_serve import AUTOSCALING, FAST_METRICS, load_until
 
     serve.delete("power_of_two")  # the machine's cores to this test
-    autoscaling = {
-        "min_replicas": 1,
-        "max_replicas": 2,
-        "target_ongoing_requests": 2,
-        "metrics_interval_s": 0.5,
-        "look_back_period_s": 2,
-        "upscale_delay_s": 1,
-        "downscale_delay_s": 3,
-    }
-    url = cluster.deploy({"prefix": (settings, {"autoscaling_config": autoscaling, **FAST_METRICS})})["prefix"]
+    url = cluster.deploy({"prefix": (settings, {"autoscaling_config": AUTOSCALING, **FAST_METRICS})})["prefix"]
     cluster.wait_running("prefix", 1)
     stop = threading.Event()
     statuses: list[int] = []

@@ -64,6 +64,7 @@ class LocalCluster:
             "TOKENIZERS_PARALLELISM": "false",
         }
         ray.init(
+            address="local",  # a cluster of its own, never one that `ray start` left running here
             num_cpus=num_cpus,
             include_dashboard=False,
             runtime_env={"env_vars": env},
@@ -96,6 +97,18 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{name}: replicas {states}, wanted {replicas} running")
             time.sleep(0.5)
+
+    def wait_replaced(self, name: str, old_pids: set[int], replicas: int, timeout: float = 300) -> None:
+        """Until a replica process not among `old_pids` exists and Ray runs `replicas` replicas
+        in `replicas` processes (right after a kill, Ray still counts the dead one as running)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = set(replica_pids(name))
+            if pids - old_pids and len(pids) == replicas and replica_states(name) == {"RUNNING": replicas}:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: not replaced; processes {pids}, states {replica_states(name)}")
+            time.sleep(0.2)
 
     def metric_by_replica(self, name: str, app: str) -> dict[str, float]:
         """A replica metric from Ray's export, per replica of the app (the `replica` label)."""
@@ -237,20 +250,17 @@ def completions_load(url: str, clients: int, requests_each: int, tokens: int) ->
 
 
 def recovery_seconds(cluster: LocalCluster, app: str, url: str, replicas: int) -> tuple[float, float]:
-    """SIGKILL one replica; seconds until requests succeed again throughout (they should never
-    stop), and until Ray reports all `replicas` running again."""
-    victim = replica_pids(app)[0]
+    """SIGKILL one replica; seconds until a request succeeds (the ingress retries, so at once),
+    and until a new replica runs in its place."""
+    before = set(replica_pids(app))
+    victim = min(before)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
     body = {"prompt": "after the kill", "max_tokens": 4, "temperature": 0}
     while requests.post(url + "/v1/completions", json=body, timeout=60).status_code != 200:
         time.sleep(0.1)
     serving = time.monotonic() - killed
-    deadline = killed + 300
-    while victim in replica_pids(app) or replica_states(app) != {"RUNNING": replicas}:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"replica not replaced: {replica_states(app)}")
-        time.sleep(0.2)
+    cluster.wait_replaced(app, before, replicas)
     return serving, time.monotonic() - killed
 
 

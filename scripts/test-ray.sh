@@ -8,13 +8,14 @@
 # Usage: bash scripts/test-ray.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
 VENV="${MINICPM_RAY_VENV:-$HOME/.cache/minicpm-server/ray-venv}"
 SPEC="$(grep -v '^#' requirements-ray.txt | sort | tr '\n' ' ')"
 
 if [ "$(cat "$VENV/.minicpm-ray-spec" 2>/dev/null)" != "$SPEC" ]; then
   echo "making $VENV with $SPEC(about 2 minutes, once)"
   rm -rf "$VENV"
-  python3 -m venv --system-site-packages "$VENV"
+  "$PY" -m venv --system-site-packages "$VENV"
   # -c constraints.txt: Ray's own dependencies may not move the versions the server is tested with.
   "$VENV/bin/python" -m pip install -q -r requirements-ray.txt -c constraints.txt
   echo "$SPEC" > "$VENV/.minicpm-ray-spec"

@@ -226,7 +226,8 @@ def test_sigkilled_replica_costs_only_its_requests_and_comes_back(cluster, apps)
         t.start()
     while len(outcomes) < 16:
         time.sleep(0.05)
-    victim = replica_pids("prefix")[0]
+    before = set(replica_pids("prefix"))
+    victim = min(before)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
     while len([o for o in outcomes if o[0] > killed + 1]) < 24:  # load goes on after the kill
@@ -240,7 +241,7 @@ def test_sigkilled_replica_costs_only_its_requests_and_comes_back(cluster, apps)
     assert all(o[2] in ("503", "cut") for o in failed), failed
     assert all(sent <= killed for sent, _, _ in failed), "a request sent after the kill failed"
     assert len(failed) <= CLIENTS
-    cluster.wait_running("prefix", 2, timeout=240)
+    cluster.wait_replaced("prefix", before, 2, timeout=240)
     assert victim not in replica_pids("prefix")
     assert _completion(url, 99999)[0]
 
@@ -269,7 +270,7 @@ def test_replica_whose_engine_died_is_replaced(cluster, apps) -> None:
         statuses.append(r.status_code)
         time.sleep(0.2)
     assert set(statuses) == {200}, statuses
-    cluster.wait_running("prefix", 2, timeout=240)
+    cluster.wait_replaced("prefix", before, 2, timeout=240)
     assert doomed not in {_completion(url, 424242 + n)[1] for n in range(6)}
 
 

@@ -20,6 +20,7 @@ import signal
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -354,10 +355,11 @@ def main() -> None:
             hits, prompt = totals[HITS, routing], totals[PROMPT_TOKENS, routing]
             turn5 = [t.ttft for run in results[routing] for t in run if t.turn == 5]
             same = statistics.mean(affinity(run) for run in results[routing])
+            split = sorted(Counter(t.replica for run in results[routing] for t in run).values(), reverse=True)
             print(
                 f"  {routing:>12}: turn-5 TTFT median {statistics.median(turn5) * 1000:.0f} ms, "
                 f"prefix-cache hit rate {hits / prompt:.1%} ({hits:.0f}/{prompt:.0f} prompt tokens), "
-                f"follow-ups on the previous turn's replica {same:.0%}"
+                f"follow-ups on the previous turn's replica {same:.0%}, turns per replica {split}"
             )
 
         # Throughput: the prefix app keeps 2 replicas, the other drops to 1 (with one replica the

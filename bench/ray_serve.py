@@ -181,10 +181,10 @@ class Turn:
     prompt_chars: int
 
 
-def question(client: int, turn: int) -> str:
-    """A distinct opening per chat (the number first), so chats share no prefix with each other."""
+def question(chat: str, turn: int) -> str:
+    """A distinct opening per chat (its name first), so chats share no prefix with each other."""
     body = "what is the highest mountain and the longest river near the city, how are you, hello world " * 3
-    return f"CHAT-{client} TURN-{turn} {body}"
+    return f"CHAT-{chat} TURN-{turn} {body}"
 
 
 def chat_turn(url: str, messages: list[dict], answer_tokens: int, timeout: float = 120) -> tuple[str, float, str]:
@@ -205,14 +205,15 @@ def chat_turn(url: str, messages: list[dict], answer_tokens: int, timeout: float
     return "".join(parts), ttft if ttft is not None else time.perf_counter() - start, replica
 
 
-def chat_sessions(url: str, clients: int = 8, turns: int = 5, answer_tokens: int = 8) -> list[Turn]:
-    """`clients` chats at once, each `turns` turns resending its history, as chat clients do."""
+def chat_sessions(url: str, clients: int = 8, turns: int = 5, answer_tokens: int = 8, run: str = "") -> list[Turn]:
+    """`clients` chats at once, each `turns` turns resending its history, as chat clients do.
+    Chats are named by `run` and client, so a repeated run does not find its chats cached."""
 
     def one_chat(client: int) -> list[Turn]:
         messages: list[dict] = []
         done = []
         for turn in range(1, turns + 1):
-            messages.append({"role": "user", "content": question(client, turn)})
+            messages.append({"role": "user", "content": question(f"{run}{client}", turn)})
             answer, ttft, replica = chat_turn(url, messages, answer_tokens)
             prompt_chars = sum(len(m["content"]) for m in messages)
             done.append(Turn(client, turn, ttft, replica, prompt_chars))
@@ -347,9 +348,10 @@ def main() -> None:
             "\n5-turn chats,", args.clients, "clients, 2 replicas each (alternating runs: prefix, pow2, prefix, pow2)"
         )
         results: dict[str, list[list[Turn]]] = {r: [] for r in urls}
-        for _ in range(2):
-            for routing, url in urls.items():
-                results[routing].append(chat_sessions(url, args.clients, 5, args.answer_tokens))
+        for repeat in range(2):
+            for arm, (routing, url) in enumerate(urls.items()):
+                # Names of equal length: both arms' prompts have the same number of tokens.
+                results[routing].append(chat_sessions(url, args.clients, 5, args.answer_tokens, f"{repeat}{arm}-"))
         totals = cluster.settled_totals([HITS, PROMPT_TOKENS], list(urls))
         for routing in urls:
             hits, prompt = totals[HITS, routing], totals[PROMPT_TOKENS, routing]

@@ -7,20 +7,7 @@ model on CPU, for trying the server without a GPU or a download.
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from pathlib import Path
-
-
-def _demo_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "minicpm-server"
-
-
-def _real_tokenizer_dir() -> Path | None:
-    """MINICPM_REAL_TOKENIZER: a directory with MiniCPM-2B's own tokenizer.model for the demo model."""
-    found = os.environ.get("MINICPM_REAL_TOKENIZER")
-    return Path(found) if found and (Path(found) / "tokenizer.model").is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,15 +21,10 @@ def main(argv: list[str] | None = None) -> int:
             level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
         )
         if settings.demo:
-            from minicpm_server.model.tiny import cached_tiny_checkpoint
+            from minicpm_server.model.tiny import demo_cache_dir, demo_settings
 
-            log.info("demo mode: preparing the tiny random-weight checkpoint in %s", _demo_cache_dir())
-            path = cached_tiny_checkpoint(_demo_cache_dir(), "tiny", seed=0, tokenizer_from=_real_tokenizer_dir())
-            # The tiny model runs on CPU in float32 unless --device/--dtype say otherwise.
-            device = "cpu" if settings.device == "auto" else settings.device
-            dtype = "float32" if settings.dtype == "auto" else settings.dtype
-            update = {"model_path": path, "device": device, "dtype": dtype, "served_model_name": "minicpm-demo"}
-            settings = settings.model_copy(update=update)
+            log.info("demo mode: preparing the tiny random-weight checkpoint in %s", demo_cache_dir())
+            settings = demo_settings(settings)
             log.warning("demo mode: the model has random weights, so its answers are random text")
         # Refuse what can be known before listening, so these failures are one line and exit 2.
         from minicpm_server.engine import choose_backend

@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ import torch
 
 from minicpm_server.model.chat import MINICPM_CHAT_TEMPLATE
 from minicpm_server.model.tokenizer import BUILT_HERE_MARKER
+from minicpm_server.settings import Settings
 
 # The tokenizer is trained on at most this many pieces; larger vocabularies are padded with
 # unreachable filler pieces (training 122,753 real pieces would take minutes).
@@ -455,6 +457,30 @@ def cached_tiny_checkpoint(
         shutil.rmtree(target)
     staging.rename(target)
     return target
+
+
+def demo_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minicpm-server"
+
+
+def _real_tokenizer_dir() -> Path | None:
+    """MINICPM_REAL_TOKENIZER: a directory with MiniCPM-2B's own tokenizer.model for the demo model."""
+    found = os.environ.get("MINICPM_REAL_TOKENIZER")
+    return Path(found) if found and (Path(found) / "tokenizer.model").is_file() else None
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """--demo: the tiny random-weight checkpoint (built once, cached), on CPU in float32 unless
+    --device/--dtype say otherwise. Settings without --demo come back unchanged."""
+    if not settings.demo:
+        return settings
+    path = cached_tiny_checkpoint(demo_cache_dir(), "tiny", seed=0, tokenizer_from=_real_tokenizer_dir())
+    device = "cpu" if settings.device == "auto" else settings.device
+    dtype = "float32" if settings.dtype == "auto" else settings.dtype
+    return settings.model_copy(
+        update={"model_path": path, "device": device, "dtype": dtype, "served_model_name": "minicpm-demo"}
+    )
 
 
 def _write_json(file: Path, data: dict) -> None:

@@ -295,11 +295,11 @@ class NativeEngine(EngineBase):
 
     def _accept_tokens(self, batch: Batch, logits: torch.Tensor) -> None:
         """Sample each row's new token, record it, turn it into text, and decide whether the row is done."""
-        tokens = self.runner.sample(logits, batch)
+        tokens, ids = self.runner.sample(logits, batch)
         scores = self.runner.logprobs(logits, batch, tokens)
         self.runner.record(batch, tokens)
         events: list[tuple[QueueHandle, Event]] = []
-        for seq, token, score in zip(batch.seqs, tokens.tolist(), scores, strict=True):
+        for seq, token, score in zip(batch.seqs, ids, scores, strict=True):
             seq.tokens.append(token)
             step = seq.output.end("cancelled") if seq.handle.cancelled else seq.output.push(token, score)
             if seq.matcher is not None and not seq.output.done:

@@ -34,7 +34,7 @@ from minicpm_server.engine.native.paged import (
     prefill_layout,
 )
 from minicpm_server.engine.native.rows import RowState
-from minicpm_server.engine.native.sampling import BatchSampling, sample_next_tokens
+from minicpm_server.engine.native.sampling import BatchSampling, draw_tokens, host_to_device, settle
 from minicpm_server.engine.protocol import TokenLogprob
 
 if TYPE_CHECKING:
@@ -165,12 +165,12 @@ class ModelRunner:
         prompts = [seq.tokens for seq in seqs]
         fresh = [block for seq in seqs for block in seq.table[seq.computed // self.block_size :]]
         self.cache.zero_blocks(fresh, self.block_size)
-        cached = torch.tensor([seq.computed for seq in seqs], device=self.device)
-        new = torch.tensor([len(p) - seq.computed for p, seq in zip(prompts, seqs, strict=True)], device=self.device)
-        width = int(new.max())
-        ids = torch.tensor(
-            [[0] * (width - len(p) + seq.computed) + p[seq.computed :] for p, seq in zip(prompts, seqs, strict=True)],
-            device=self.device,
+        new_counts = [len(p) - seq.computed for p, seq in zip(prompts, seqs, strict=True)]
+        width = max(new_counts)  # from the host's numbers: reading it off the device would wait for it
+        cached = self._to_device([seq.computed for seq in seqs])
+        new = self._to_device(new_counts)
+        ids = self._to_device(
+            [[0] * (width - len(p) + seq.computed) + p[seq.computed :] for p, seq in zip(prompts, seqs, strict=True)]
         )
         table = self._table([seq.table for seq in seqs])
         layout = prefill_layout(table, cached, new, self.block_size)
@@ -190,12 +190,12 @@ class ModelRunner:
                     )
         seen = torch.zeros(len(prompts), self.vocab_size, dtype=torch.bool, device=self.device)
         for row, prompt in enumerate(prompts):
-            seen[row, prompt] = True
+            seen[row, self._to_device(prompt)] = True
         generators = [self._request_generator(seq.handle.params.seed) for seq in seqs]
         joining = Batch(
             seqs=seqs,
             last=ids[:, -1],
-            lengths=torch.tensor([len(p) for p in prompts], device=self.device),
+            lengths=self._to_device([len(p) for p in prompts]),
             table=table,
             seen=seen,
             counts=torch.zeros(len(prompts), self.vocab_size, dtype=torch.int32, device=self.device),
@@ -204,8 +204,11 @@ class ModelRunner:
         return joining, logits, scores
 
     def _table(self, tables: list[list[int]]) -> torch.Tensor:
-        rows = [t + [NULL_BLOCK] * (self.table_width - len(t)) for t in tables]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self._to_device([t + [NULL_BLOCK] * (self.table_width - len(t)) for t in tables])
+
+    def _to_device(self, values: list) -> torch.Tensor:
+        """Host integers as a long tensor on the model's device, copied without waiting for it."""
+        return host_to_device(torch.tensor(values, dtype=torch.long), self.device)
 
     def _request_generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
@@ -219,14 +222,16 @@ class ModelRunner:
         batch.lengths = batch.lengths + 1
         return logits
 
-    def sample(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, list[int]]:
         """Each row's next token from its logits, with its own sampling parameters; a constrained
-        row only from the tokens its grammar allows next."""
+        row only from the tokens its grammar allows next. The tokens on the device and as ids:
+        the step's one read of the device (sampling.py)."""
         logits = logits.float()
         constrained = [i for i, seq in enumerate(batch.seqs) if seq.matcher is not None]
         if constrained:
             logits = self._mask_to_grammars(logits, batch, constrained)
-        return sample_next_tokens(logits, batch.seen, batch.sampling, self.shared_generator, batch.counts)
+        draw = draw_tokens(logits, batch.seen, batch.sampling, self.shared_generator, batch.counts)
+        return settle(draw, batch.sampling)
 
     def _mask_to_grammars(self, logits: torch.Tensor, batch: Batch, rows: list[int]) -> torch.Tensor:
         """A copy of the logits where each constrained row's disallowed tokens are -inf (the raw

@@ -29,13 +29,16 @@ class HostReads(TorchDispatchMode):
         self.kinds: Counter[str] = Counter()
         self._thread = threading.get_ident()
         self._originals: dict[str, Any] = {}
+        self._inside_wrapper = False
 
     @property
     def total(self) -> int:
         return sum(self.kinds.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if self._inside_wrapper:  # a wrapped method's own copy (tolist on CUDA): counted once, above
+            pass
+        elif func is torch.ops.aten._local_scalar_dense.default:
             self.kinds["item/bool"] += 1
         elif func is torch.ops.aten._to_copy.default and _to_host(args, kwargs or {}):
             self.kinds["to(cpu)"] += 1
@@ -55,9 +58,14 @@ class HostReads(TorchDispatchMode):
 
     def _counting(self, name: str, original: Any) -> Any:
         def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() == self._thread and tensor.device.type != "meta":
-                self.kinds[name] += 1
-            return original(tensor, *args, **kwargs)
+            if threading.get_ident() != self._thread or self._inside_wrapper:
+                return original(tensor, *args, **kwargs)
+            self.kinds[name] += 1
+            self._inside_wrapper = True
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                self._inside_wrapper = False
 
         return read
 

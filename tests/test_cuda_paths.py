@@ -22,7 +22,8 @@ from minicpm_server.engine.native import budget
 from minicpm_server.engine.native.budget import GIB, KvShape, pool_blocks
 from minicpm_server.engine.native.compiled import compile_options
 from minicpm_server.engine.native.engine import _use_sdpa
-from minicpm_server.engine.native.paged import PagedKVCache
+from minicpm_server.engine.native.mixed import MixedStep, prompt_part
+from minicpm_server.engine.native.paged import PagedKVCache, block_decode_layout
 from minicpm_server.engine.native.runner import DecodeForward, ModelRunner
 from minicpm_server.engine.native.sampling import BatchSampling, draw_tokens
 from minicpm_server.engine.protocol import SamplingParams
@@ -84,6 +85,28 @@ def test_the_decode_step_keeps_every_tensor_on_the_models_device(tiny_dir, lean:
                 assert draw.tokens.device == META
                 if draw.exact is not None:
                     assert draw.exact().device == META
+
+
+def test_the_mixed_prefill_pass_keeps_every_tensor_on_the_models_device(tiny_dir) -> None:
+    """The same for newcomers' prompts computed in the decode pass (mixed.py), with and without
+    running rows, after a cached prefix and from scratch."""
+    decoder = meta_decoder(tiny_dir, lean=True)
+    assert decoder.lean is not None
+    mixed = MixedStep(decoder.lean)
+    with torch.inference_mode():
+        table = torch.arange(1, 17, device=META)
+        prompts = [
+            prompt_part(torch.zeros(n, dtype=torch.long, device=META), table, cached, BLOCK, META)
+            for n, cached in ((7, 0), (20, 32))
+        ]
+        lengths = torch.full((2,), 20, dtype=torch.long, device=META)
+        layout = block_decode_layout(torch.zeros(2, 16, dtype=torch.long, device=META), lengths, 21, BLOCK)
+        last = torch.zeros(2, dtype=torch.long, device=META)
+        running, first = mixed(last, lengths, layout, prompts)
+        assert running.shape[0] == 2 and first.shape[0] == 2 and first.device == running.device == META
+        empty = last[:0]
+        running, first = mixed(empty, empty, None, prompts[:1])
+        assert running.shape[0] == 0 and first.shape[0] == 1 and first.device == META
 
 
 def test_a_cpu_tensor_in_the_step_is_caught() -> None:

@@ -4,7 +4,7 @@
     python -m bench.peers --quick              # 1 repeat, 1 and 16 clients, fewer requests: a first look
     python -m bench.peers --peers ours,llama   # a subset of ours, ours-1t, ours+vllm, vllm, vllm-ids, llama, llama-1t
     python -m bench.peers --ours-python /path/to/python --ours-engine native   # another build of ours
-    python -m bench.peers --peers ours,ours-unmixed,vllm --modes unique --concurrency 16,32   # unique prompts only
+    python -m bench.peers --peers ours,ours-mixed,vllm --modes unique --concurrency 16,32   # unique prompts only
     python -m bench.peers --json out.json      # also keep every round's numbers (written as they come);
     python -m bench.peers --from-json out.json # ... and print their table again (e.g. of a stopped run)
 
@@ -17,8 +17,8 @@ The servers, each alone on the machine while it is measured (start, warm up, mea
 
   ours        `python api.py --engine native` (`--ours-python`, `--ours-engine`)
   ours-1t     (optional) the same with OMP_NUM_THREADS=1 (torch computes on one thread)
-  ours-unmixed (optional) the same with `--no-mixed-prefill`: newcomers' prompts in a pass of their
-              own, not in the running rows' decode pass (engine/native/mixed.py); an A/B of that
+  ours-mixed  (optional) the same with `--mixed-prefill`: newcomers' prompts in the running rows'
+              decode pass (engine/native/mixed.py); an A/B of that
   ours+vllm   the same server with `--engine vllm`, run by the vLLM venv's python
   vllm        vLLM's OpenAI server: `python -m vllm.entrypoints.openai.api_server`, which is what
               `vllm serve` runs (the venv's `vllm` launcher fails: the wheel is registered as
@@ -101,13 +101,13 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mini
 PEERS_DIR = Path(os.environ.get("MINICPM_PEERS_DIR") or CACHE / "peers")
 LLAMA_SERVER = PEERS_DIR / "llama-build" / "bin" / "llama-server"
 CONVERT_PYTHON = PEERS_DIR / "convert-venv" / "bin" / "python"
-ALL_SERVERS = ("ours", "ours-1t", "ours-unmixed", "ours+vllm", "vllm", "vllm-ids", "llama", "llama-1t")
+ALL_SERVERS = ("ours", "ours-1t", "ours-mixed", "ours+vllm", "vllm", "vllm-ids", "llama", "llama-1t")
 DEFAULT_SERVERS = ("ours", "ours+vllm", "vllm", "llama")
 PEER_NAMES = ("vllm", "vllm-ids", "llama", "llama-1t")  # the ones "ours/..." ratios are given for
 LABELS = {
     "ours": "ours",
     "ours-1t": "ours 1 thread",
-    "ours-unmixed": "ours, prompts in passes of their own",
+    "ours-mixed": "ours, mixed prefill",
     "ours+vllm": "ours+vllm",
     "vllm": "vLLM",
     "vllm-ids": "vLLM ids-only",
@@ -183,8 +183,8 @@ def our_server(name: str, python: str, engine: str, model: Path, port: int) -> S
         env = dict(VLLM_CPU_ENV)
     if name == "ours-1t":
         env["OMP_NUM_THREADS"] = "1"  # torch's intra-op threads
-    if name == "ours-unmixed":
-        argv += ["--no-mixed-prefill"]  # each admission's prompts in a pass of their own, as before v3
+    if name == "ours-mixed":
+        argv += ["--mixed-prefill"]  # newcomers' prompts in the running rows' decode pass
     return Server(name, argv, "text", {"repetition_penalty": DEFAULT_REPETITION_PENALTY}, env)
 
 
@@ -464,7 +464,7 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
     for name in args.peers:
         if name == "ours":
             makers[name] = functools.partial(our_server, "ours", args.ours_python, args.ours_engine, model)
-        elif name in ("ours-1t", "ours-unmixed"):
+        elif name in ("ours-1t", "ours-mixed"):
             makers[name] = functools.partial(our_server, name, args.ours_python, args.ours_engine, model)
         elif name == "ours+vllm":
             makers[name] = functools.partial(our_server, "ours+vllm", venv_python, "vllm", model)

@@ -130,11 +130,11 @@ class Settings(BaseSettings):
         ),
     )
     mixed_prefill: bool = Field(
-        True,
+        False,
         description=_env(
             "mixed_prefill",
             "native: compute newcomers' prompts in the running rows' decode pass (one pass reads the weights "
-            "once; lean decode step only, not with --compile or prompt scoring).",
+            "once; lean decode step only, not with --compile or prompt scoring). Off by default: no gain measured yet.",
         ),
     )
     quantization: Literal["fp8"] | None = Field(

@@ -114,7 +114,7 @@ class NativeEngine(EngineBase):
         prefix_caching: bool = True,
         compile: bool = False,
         lean: bool = True,
-        mixed_prefill: bool = True,
+        mixed_prefill: bool = False,
     ) -> None:
         super().__init__(max_batch=max_batch, max_queue=max_queue)
         self.tokenizer = tokenizer

@@ -13,6 +13,10 @@ gathered whole, one query each), and each newcomer's prompt attends causally ove
 (its cached prefix and its new tokens). Keys and values of every token are written to the paged
 pool first, so each query reads its own.
 
+Off by default (`--mixed-prefill` turns it on): on the shared 2-core machine it was measured
+at 0.92-1.02x the separate prefill in tokens per CPU second (BENCHMARKS.md), no clear gain, so
+the measured path stays the default until a quiet run says otherwise.
+
 The math is the lean decoder's (the same weights, norms, rotary table and head), so a prompt's
 logits equal the separate prefill's up to float rounding; tests/test_mixed.py checks them
 against transformers' forward, and greedy answers through the engine.

@@ -132,7 +132,7 @@ class ModelRunner:
         context_window: int,
         compile: bool = False,
         lean: bool = True,
-        mixed_prefill: bool = True,
+        mixed_prefill: bool = False,
         seed: int | None = 0,
     ) -> None:
         self.model = model

@@ -4,6 +4,8 @@
     python -m bench.gpu --engines native --native-extra=--no-compile   # one backend, extra flags
     python -m bench.gpu --bandwidth-gbs 936              # an RTX 3090, if nvidia-smi's name is not known below
     python -m bench.gpu --device cpu --size tiny --concurrency 1,4 --prompt-tokens 300   # smoke test of this script, no GPU
+    python -m bench.gpu --quick                          # native only, 1/8/32 streams, 128 tokens: ~3 minutes
+    bash scripts/test-gpu.sh                             # pytest -m gpu, then this --quick: a bare GPU machine in < 8 minutes
 
 Measured per backend, each server alone on the GPU:
 - batch-1 decode tokens/s (one streamed request of 256 tokens, first token excluded) and that as
@@ -49,6 +51,7 @@ BANDWIDTH_GBS = {
     "A10": 600,
 }
 STREAM_TOKENS = 256
+QUICK_TOKENS = 128
 CONCURRENCY = (1, 8, 32, 64)  # the streams of the vLLM issue's GPU measurement
 
 
@@ -108,16 +111,15 @@ class MemoryPeak:
         self._thread.join()
 
 
-def decode_rate(url: str) -> float:
+def decode_rate(url: str, tokens: int) -> float:
     """Tokens/s after the first token, for one streamed request at batch 1."""
-    body = {"prompt": "hi", "max_tokens": STREAM_TOKENS, "ignore_eos": True, "stream": True, "temperature": 0}
+    body = {"prompt": "hi", "max_tokens": tokens, "ignore_eos": True, "stream": True, "temperature": 0}
     stamps = []
     with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600) as r:
         for line in r.iter_lines():
             if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
-    usage_tokens = STREAM_TOKENS
-    return (usage_tokens - 1) / (stamps[-1] - stamps[0])
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def long_prompt_ttft(url: str, prompt_tokens: int = 1000, repeats: int = 5) -> float:
@@ -136,7 +138,15 @@ def long_prompt_ttft(url: str, prompt_tokens: int = 1000, repeats: int = 5) -> f
 
 
 def measure(
-    engine: str, model: Path, port: int, device: str, extra: list[str], concurrency: list[int], prompt_tokens: int
+    engine: str,
+    model: Path,
+    port: int,
+    device: str,
+    extra: list[str],
+    concurrency: list[int],
+    prompt_tokens: int,
+    tokens: int,
+    repeats: int,
 ) -> dict:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "api.py", "--model-path", str(model), "--engine", engine, "--host", "127.0.0.1"]
@@ -159,10 +169,10 @@ def measure(
         result: dict = {"start_s": time.perf_counter() - started}
         with MemoryPeak() as memory:
             closed_loop(url + "/", 2, 1, 16)  # warm-up
-            result["decode_1"] = decode_rate(url)
-            result["ttft_1000"] = long_prompt_ttft(url, prompt_tokens)
+            result["decode_1"] = decode_rate(url, tokens)
+            result["ttft_1000"] = long_prompt_ttft(url, prompt_tokens, repeats)
             for c in concurrency:
-                load = closed_loop(url + "/", c, 2, STREAM_TOKENS)
+                load = closed_loop(url + "/", c, 2, tokens)
                 result[f"tps_{c}"] = load.tokens_per_second
                 print(f"  {engine} c={c}: {load.tokens_per_second:.0f} tok/s", flush=True)
         result["gpu_mib"] = memory.peak
@@ -184,7 +194,13 @@ def main() -> None:
     parser.add_argument("--size", default="full", help="a size from minicpm_server/model/tiny.py (full: MiniCPM-2B's)")
     parser.add_argument("--native-extra", action="append", default=[], help="extra api.py flags for native")
     parser.add_argument("--vllm-extra", action="append", default=[], help="extra api.py flags for vllm")
+    parser.add_argument(
+        "--quick", action="store_true", help="native only, 1/8/32 streams of 128 tokens, 3 TTFT samples"
+    )
     args = parser.parse_args()
+    tokens, repeats = STREAM_TOKENS, 5
+    if args.quick:
+        args.engines, args.concurrency, tokens, repeats = "native", "1,8,32", QUICK_TOKENS, 3
 
     concurrency = [int(c) for c in args.concurrency.split(",")]
     name = gpu_name(args.device)
@@ -195,7 +211,9 @@ def main() -> None:
     results = {}
     for engine in args.engines.split(","):
         extra = args.native_extra if engine == "native" else args.vllm_extra
-        results[engine] = measure(engine, model, args.port, args.device, extra, concurrency, args.prompt_tokens)
+        results[engine] = measure(
+            engine, model, args.port, args.device, extra, concurrency, args.prompt_tokens, tokens, repeats
+        )
     print()
     print("| engine | batch-1 decode tok/s | of ceiling | " + " | ".join(f"{c} streams tok/s" for c in concurrency)
           + " | TTFT long prompt | GPU memory | start-up |")  # fmt: skip

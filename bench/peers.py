@@ -4,6 +4,7 @@
     python -m bench.peers --quick              # 1 repeat, 1 and 16 clients, fewer requests: a first look
     python -m bench.peers --peers ours,llama   # a subset of ours, ours-1t, ours+vllm, vllm, vllm-ids, llama, llama-1t
     python -m bench.peers --ours-python /path/to/python --ours-engine native   # another build of ours
+    python -m bench.peers --peers ours,ours-mixed,vllm --modes unique --concurrency 16,32   # unique prompts only
     python -m bench.peers --json out.json      # also keep every round's numbers (written as they come);
     python -m bench.peers --from-json out.json # ... and print their table again (e.g. of a stopped run)
 
@@ -16,6 +17,8 @@ The servers, each alone on the machine while it is measured (start, warm up, mea
 
   ours        `python api.py --engine native` (`--ours-python`, `--ours-engine`)
   ours-1t     (optional) the same with OMP_NUM_THREADS=1 (torch computes on one thread)
+  ours-mixed  (optional) the same with `--mixed-prefill`: newcomers' prompts in the running rows'
+              decode pass (engine/native/mixed.py); an A/B of that
   ours+vllm   the same server with `--engine vllm`, run by the vLLM venv's python
   vllm        vLLM's OpenAI server: `python -m vllm.entrypoints.openai.api_server`, which is what
               `vllm serve` runs (the venv's `vllm` launcher fails: the wheel is registered as
@@ -98,12 +101,13 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mini
 PEERS_DIR = Path(os.environ.get("MINICPM_PEERS_DIR") or CACHE / "peers")
 LLAMA_SERVER = PEERS_DIR / "llama-build" / "bin" / "llama-server"
 CONVERT_PYTHON = PEERS_DIR / "convert-venv" / "bin" / "python"
-ALL_SERVERS = ("ours", "ours-1t", "ours+vllm", "vllm", "vllm-ids", "llama", "llama-1t")
+ALL_SERVERS = ("ours", "ours-1t", "ours-mixed", "ours+vllm", "vllm", "vllm-ids", "llama", "llama-1t")
 DEFAULT_SERVERS = ("ours", "ours+vllm", "vllm", "llama")
 PEER_NAMES = ("vllm", "vllm-ids", "llama", "llama-1t")  # the ones "ours/..." ratios are given for
 LABELS = {
     "ours": "ours",
     "ours-1t": "ours 1 thread",
+    "ours-mixed": "ours, mixed prefill",
     "ours+vllm": "ours+vllm",
     "vllm": "vLLM",
     "vllm-ids": "vLLM ids-only",
@@ -179,6 +183,8 @@ def our_server(name: str, python: str, engine: str, model: Path, port: int) -> S
         env = dict(VLLM_CPU_ENV)
     if name == "ours-1t":
         env["OMP_NUM_THREADS"] = "1"  # torch's intra-op threads
+    if name == "ours-mixed":
+        argv += ["--mixed-prefill"]  # newcomers' prompts in the running rows' decode pass
     return Server(name, argv, "text", {"repetition_penalty": DEFAULT_REPETITION_PENALTY}, env)
 
 
@@ -421,7 +427,7 @@ def measure(server: Server, url: str, tokenizer, args, pid: int) -> dict[str, fl
         warm = Prompts(tokenizer, "unique")
         closed_loop(url, 1, 2, args.new_tokens, completion_sender(server, warm))
         closed_loop(url, max(args.concurrency), 1, 8, completion_sender(server, warm))
-        for mode in ("fixed", "unique"):
+        for mode in args.modes:
             prompts = Prompts(tokenizer, mode)
             send = completion_sender(server, prompts)
             for c in args.concurrency:
@@ -432,7 +438,7 @@ def measure(server: Server, url: str, tokenizer, args, pid: int) -> dict[str, fl
                     f"  median latency {statistics.median(result.latencies):.2f} s",
                     flush=True,
                 )
-        for mode in ("fixed", "unique"):
+        for mode in args.modes:
             prompts = Prompts(tokenizer, mode)
             samples = []
             with BusyClients(url, TTFT_CLIENTS, args.new_tokens, completion_sender(server, prompts)):
@@ -458,8 +464,8 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
     for name in args.peers:
         if name == "ours":
             makers[name] = functools.partial(our_server, "ours", args.ours_python, args.ours_engine, model)
-        elif name == "ours-1t":
-            makers[name] = functools.partial(our_server, "ours-1t", args.ours_python, args.ours_engine, model)
+        elif name in ("ours-1t", "ours-mixed"):
+            makers[name] = functools.partial(our_server, name, args.ours_python, args.ours_engine, model)
         elif name == "ours+vllm":
             makers[name] = functools.partial(our_server, "ours+vllm", venv_python, "vllm", model)
         elif name in ("vllm", "vllm-ids"):
@@ -546,7 +552,7 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
 
 
 # The native engine's throughput targets: (peer, clients, least ours/peer in tok/s).
-TARGETS = (("vllm", 16, 1.1), ("vllm", 32, 1.1), ("llama", 1, 0.8))
+TARGETS = (("vllm", 16, 1.2), ("vllm", 32, 1.2), ("llama", 1, 1.0))  # issue 25
 
 
 def report_targets(table: dict[str, dict[str, float]]) -> None:
@@ -577,6 +583,9 @@ def main() -> None:
         "--peers", default=",".join(DEFAULT_SERVERS), help=f"servers to run, from {','.join(ALL_SERVERS)}"
     )
     parser.add_argument("--quick", action="store_true", help="1 round, 1 and 16 clients, fewer requests")
+    parser.add_argument(
+        "--modes", default="fixed,unique", type=lambda v: v.split(","), help="prompt modes to measure (fixed,unique)"
+    )
     parser.add_argument("--ours-python", default=sys.executable, help="python that runs our api.py")
     parser.add_argument("--ours-engine", default="native", help="--engine for the 'ours' column")
     parser.add_argument("--vllm-venv", type=Path, default=CACHE / "vllm-venv")

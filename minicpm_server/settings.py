@@ -154,6 +154,14 @@ class Settings(BaseSettings):
             "bucket, logged; eager if compiling fails. Off by default: on a 2-core CPU compiling takes minutes.",
         ),
     )
+    mixed_prefill: bool = Field(
+        False,
+        description=_env(
+            "mixed_prefill",
+            "native: compute newcomers' prompts in the running rows' decode pass (one pass reads the weights "
+            "once; lean decode step only, not with --compile or prompt scoring). Off by default: no gain measured yet.",
+        ),
+    )
     quantization: Literal["fp8"] | None = Field(
         None, description=_env("quantization", "vllm: 'fp8' quantizes the weights at load (Ada/Hopper GPUs).")
     )

@@ -78,6 +78,7 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         prefix_caching=settings.enable_prefix_caching,
         compile=settings.compile,
+        mixed_prefill=settings.mixed_prefill,
     )
 
 

@@ -45,6 +45,16 @@ def key_bucket(width: int, limit: int) -> int:
     return min(limit, -(-width // KEY_BUCKET) * KEY_BUCKET)
 
 
+def compile_options(device: torch.device) -> dict[str, Any]:
+    """torch.compile's arguments for the decode step on `device`."""
+    if device.type == "cuda":
+        # Each bucket is recorded as its own CUDA graph; static shapes keep those graphs simple.
+        return {"mode": "reduce-overhead", "dynamic": False}
+    # On CPU compiling is slow (minutes for a deep model on a small machine): one graph with
+    # symbolic sizes serves every bucket, instead of one compilation per bucket.
+    return {"dynamic": True}
+
+
 class CompiledDecode:
     """`logits = step(last, lengths, table, width)` through torch.compile; raises when compiling fails."""
 
@@ -63,14 +73,9 @@ class CompiledDecode:
         cache = self.forward.cache
         for pool in (*cache.keys, *cache.values):
             torch._dynamo.mark_static_address(pool)
-        if cache.keys[0].device.type == "cuda":
-            # Each bucket is recorded as its own CUDA graph; static shapes keep those graphs simple.
-            log.info("decode step: torch.compile (reduce-overhead: CUDA graphs), on the first step of each shape")
-            return torch.compile(self._static_step, mode="reduce-overhead", dynamic=False)
-        # On CPU compiling is slow (minutes for a deep model on a small machine): one graph with
-        # symbolic sizes serves every bucket, instead of one compilation per bucket.
-        log.info("decode step: torch.compile (inductor, dynamic shapes), on the first step")
-        return torch.compile(self._static_step, dynamic=True)
+        options = compile_options(cache.keys[0].device)
+        log.info("decode step: torch.compile %s, on the first step of each shape", options)
+        return torch.compile(self._static_step, **options)
 
     def _static_step(
         self, ids: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, read: torch.Tensor, mask: torch.Tensor

@@ -114,6 +114,7 @@ class NativeEngine(EngineBase):
         prefix_caching: bool = True,
         compile: bool = False,
         lean: bool = True,
+        mixed_prefill: bool = False,
     ) -> None:
         super().__init__(max_batch=max_batch, max_queue=max_queue)
         self.tokenizer = tokenizer
@@ -142,6 +143,7 @@ class NativeEngine(EngineBase):
             context_window=context_window,
             compile=compile,
             lean=lean,
+            mixed_prefill=mixed_prefill,
             seed=seed,
         )
         self._cv = threading.Condition()  # guards the scheduler's queue, shared with submit()
@@ -276,6 +278,9 @@ class NativeEngine(EngineBase):
         self.raise_injected_fault()
         if newcomers:
             seqs = [self._new_sequence(a) for a in newcomers]
+            if self.runner.can_mix(seqs):
+                self._prefill_with_decode(seqs)
+                return
             joining, logits, scores = self.runner.prefill(seqs)
             self.scheduler.prefilled(seqs)
             self.emit([(seq.handle, e) for seq, s in zip(seqs, scores, strict=True) for e in seq.output.prefilled(s)])
@@ -289,6 +294,20 @@ class NativeEngine(EngineBase):
             self._accept_tokens(batch, logits)
             self._drop_finished()
 
+    def _prefill_with_decode(self, seqs: list[Sequence]) -> None:
+        """The newcomers' prompts and the running rows' decode step in one pass (mixed.py); the
+        newcomers decode from the next step on."""
+        running = self.scheduler.batch
+        joining, logits, decode_logits = self.runner.prefill_with_decode(seqs, running)
+        self.scheduler.prefilled(seqs)
+        self.emit([(seq.handle, e) for seq in seqs for e in seq.output.prefilled(None)])
+        if running is not None:
+            self.scheduler.decoded()
+            self._accept_tokens(running, decode_logits)
+        self._accept_tokens(joining, logits)
+        self.scheduler.join(joining)
+        self._drop_finished()
+
     def _new_sequence(self, admission: Admission) -> Sequence:
         handle = admission.handle
         output = TokenOutput(self.tokenizer, handle.params, handle.prompt_tokens, self.eos_token_id)
@@ -298,11 +317,11 @@ class NativeEngine(EngineBase):
 
     def _accept_tokens(self, batch: Batch, logits: torch.Tensor) -> None:
         """Sample each row's new token, record it, turn it into text, and decide whether the row is done."""
-        tokens = self.runner.sample(logits, batch)
+        tokens, ids = self.runner.sample(logits, batch)
         scores = self.runner.logprobs(logits, batch, tokens)
         self.runner.record(batch, tokens)
         events: list[tuple[QueueHandle, Event]] = []
-        for seq, token, score in zip(batch.seqs, tokens.tolist(), scores, strict=True):
+        for seq, token, score in zip(batch.seqs, ids, scores, strict=True):
             seq.tokens.append(token)
             step = seq.output.end("cancelled") if seq.handle.cancelled else seq.output.push(token, score)
             if seq.matcher is not None and not seq.output.done:

@@ -26,6 +26,7 @@ from minicpm_server.engine.native.blocks import NULL_BLOCK, blocks_for
 from minicpm_server.engine.native.compiled import CompiledDecode
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.logprobs import score_prompt, token_logprobs
+from minicpm_server.engine.native.mixed import MixedStep, prompt_part
 from minicpm_server.engine.native.paged import (
     PagedForward,
     PagedKVCache,
@@ -34,7 +35,7 @@ from minicpm_server.engine.native.paged import (
     prefill_layout,
 )
 from minicpm_server.engine.native.rows import RowState
-from minicpm_server.engine.native.sampling import BatchSampling, sample_next_tokens
+from minicpm_server.engine.native.sampling import BatchSampling, draw_tokens, host_to_device, settle
 from minicpm_server.engine.protocol import TokenLogprob
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ class ModelRunner:
         context_window: int,
         compile: bool = False,
         lean: bool = True,
+        mixed_prefill: bool = False,
         seed: int | None = 0,
     ) -> None:
         self.model = model
@@ -149,7 +151,9 @@ class ModelRunner:
             compile=compile,
             lean=lean,
         )
-        self.forward = self.decode.forward  # transformers' forward over the cache: every prefill runs it
+        self.forward = self.decode.forward  # transformers' forward over the cache: prefill when not mixed
+        lean_step = self.decode.lean
+        self.mixed = MixedStep(lean_step) if mixed_prefill and lean_step is not None and not compile else None
         self.max_batch = max_batch
         self._bitmask: torch.Tensor | None = None  # grammar masks, one row per batch row (engine/grammar.py)
         self.shared_generator = torch.Generator(device=self.device)
@@ -158,19 +162,49 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- prefill
 
+    def can_mix(self, seqs: list[Sequence]) -> bool:
+        """Whether these newcomers' prompts can share the decode step's pass (mixed.py): not when
+        one asks for its prompt's scores (those need every position's hidden state)."""
+        return self.mixed is not None and all(seq.handle.params.prompt_logprobs is None for seq in seqs)
+
+    def prefill_with_decode(
+        self, seqs: list[Sequence], batch: Batch | None
+    ) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+        """The newcomers' uncached prompt tokens and one decode step of the running `batch`, in one
+        pass (mixed.py): the newcomers' joining rows, the logits [P, V] of each one's last prompt
+        token, and the running rows' next-token logits [B, V] (B = 0 without a batch)."""
+        assert self.mixed is not None
+        self._zero_fresh_blocks(seqs)
+        table = self._table([seq.table for seq in seqs])
+        prompts = [
+            prompt_part(
+                self._to_device(seq.tokens[seq.computed :]), table[row], seq.computed, self.block_size, self.device
+            )
+            for row, seq in enumerate(seqs)
+        ]
+        if batch is None:
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            decode_logits, logits = self.mixed(empty, empty, None, prompts)
+        else:
+            width = max(seq.computed for seq in batch.seqs) + 1
+            layout = block_decode_layout(batch.table, batch.lengths, width, self.block_size)
+            decode_logits, logits = self.mixed(batch.last, batch.lengths, layout, prompts)
+            batch.lengths = batch.lengths + 1
+        last = torch.stack([p.ids[-1] for p in prompts])
+        return self._joining(seqs, last, table), logits, decode_logits
+
     def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor, list[list[TokenLogprob | None] | None]]:
         """Compute each sequence's uncached prompt tokens (all rows in one left-padded pass) and
         return their rows, the logits [B, V] of each row's last prompt token, and each row's
         prompt scores (None where the request did not ask)."""
         prompts = [seq.tokens for seq in seqs]
-        fresh = [block for seq in seqs for block in seq.table[seq.computed // self.block_size :]]
-        self.cache.zero_blocks(fresh, self.block_size)
-        cached = torch.tensor([seq.computed for seq in seqs], device=self.device)
-        new = torch.tensor([len(p) - seq.computed for p, seq in zip(prompts, seqs, strict=True)], device=self.device)
-        width = int(new.max())
-        ids = torch.tensor(
-            [[0] * (width - len(p) + seq.computed) + p[seq.computed :] for p, seq in zip(prompts, seqs, strict=True)],
-            device=self.device,
+        self._zero_fresh_blocks(seqs)
+        new_counts = [len(p) - seq.computed for p, seq in zip(prompts, seqs, strict=True)]
+        width = max(new_counts)  # from the host's numbers: reading it off the device would wait for it
+        cached = self._to_device([seq.computed for seq in seqs])
+        new = self._to_device(new_counts)
+        ids = self._to_device(
+            [[0] * (width - len(p) + seq.computed) + p[seq.computed :] for p, seq in zip(prompts, seqs, strict=True)]
         )
         table = self._table([seq.table for seq in seqs])
         layout = prefill_layout(table, cached, new, self.block_size)
@@ -188,24 +222,35 @@ class ModelRunner:
                     scores[row] = score_prompt(
                         hidden[row, width - len(seq.tokens) :], seq.tokens, top, self.forward.head
                     )
+        return self._joining(seqs, ids[:, -1], table), logits, scores
+
+    def _zero_fresh_blocks(self, seqs: list[Sequence]) -> None:
+        fresh = [block for seq in seqs for block in seq.table[seq.computed // self.block_size :]]
+        self.cache.zero_blocks(fresh, self.block_size)
+
+    def _joining(self, seqs: list[Sequence], last: torch.Tensor, table: torch.Tensor) -> Batch:
+        """The newcomers' rows, their prompts in the cache and `last` their last prompt tokens."""
+        prompts = [seq.tokens for seq in seqs]
         seen = torch.zeros(len(prompts), self.vocab_size, dtype=torch.bool, device=self.device)
         for row, prompt in enumerate(prompts):
-            seen[row, prompt] = True
+            seen[row, self._to_device(prompt)] = True
         generators = [self._request_generator(seq.handle.params.seed) for seq in seqs]
-        joining = Batch(
+        return Batch(
             seqs=seqs,
-            last=ids[:, -1],
-            lengths=torch.tensor([len(p) for p in prompts], device=self.device),
+            last=last,
+            lengths=self._to_device([len(p) for p in prompts]),
             table=table,
             seen=seen,
             counts=torch.zeros(len(prompts), self.vocab_size, dtype=torch.int32, device=self.device),
             sampling=BatchSampling.build([seq.handle.params for seq in seqs], generators, self.device),
         )
-        return joining, logits, scores
 
     def _table(self, tables: list[list[int]]) -> torch.Tensor:
-        rows = [t + [NULL_BLOCK] * (self.table_width - len(t)) for t in tables]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self._to_device([t + [NULL_BLOCK] * (self.table_width - len(t)) for t in tables])
+
+    def _to_device(self, values: list) -> torch.Tensor:
+        """Host integers as a long tensor on the model's device, copied without waiting for it."""
+        return host_to_device(torch.tensor(values, dtype=torch.long), self.device)
 
     def _request_generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
@@ -219,14 +264,16 @@ class ModelRunner:
         batch.lengths = batch.lengths + 1
         return logits
 
-    def sample(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, list[int]]:
         """Each row's next token from its logits, with its own sampling parameters; a constrained
-        row only from the tokens its grammar allows next."""
+        row only from the tokens its grammar allows next. The tokens on the device and as ids:
+        the step's one read of the device (sampling.py)."""
         logits = logits.float()
         constrained = [i for i, seq in enumerate(batch.seqs) if seq.matcher is not None]
         if constrained:
             logits = self._mask_to_grammars(logits, batch, constrained)
-        return sample_next_tokens(logits, batch.seen, batch.sampling, self.shared_generator, batch.counts)
+        draw = draw_tokens(logits, batch.seen, batch.sampling, self.shared_generator, batch.counts)
+        return settle(draw, batch.sampling)
 
     def _mask_to_grammars(self, logits: torch.Tensor, batch: Batch, rows: list[int]) -> torch.Tensor:
         """A copy of the logits where each constrained row's disallowed tokens are -inf (the raw

@@ -8,10 +8,19 @@ generated so far, then temperature, top-k, top-p on what top-k left, and min-p o
 left. Greedy rows take the argmax of the penalised logits, as generate() does with
 do_sample=False. Probabilities are normalised once and a token is drawn by inverse CDF, one
 uniform number per row.
+
+One read of the device per step. Which operations a step needs (penalties, min-p, sampling at
+all) is decided on the host from the requests' parameters, never by reading a tensor: on a GPU
+every such read waits for the whole step to finish. The one data-dependent choice, whether every
+nucleus fits in the top CANDIDATES tokens (a cheap top-k instead of sorting the vocabulary), is
+made from the previous step's answer, which travels back with the sampled ids in the same copy;
+a guess that turns out wrong is redone exactly from the full sort with the same uniform numbers,
+at the price of a second read (once, when a batch's distributions go flat).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +31,8 @@ from minicpm_server.engine.protocol import SamplingParams
 
 @dataclass
 class BatchSampling(RowState):
-    """The per-row sampling parameters of a running batch, as tensors on the model's device."""
+    """The per-row sampling parameters of a running batch: as tensors on the model's device for
+    the arithmetic, and as the requests' own parameters for the host's decisions."""
 
     temperature: torch.Tensor  # [B] float
     top_p: torch.Tensor  # [B] float
@@ -33,11 +43,13 @@ class BatchSampling(RowState):
     frequency: torch.Tensor  # [B] float
     greedy: torch.Tensor  # [B] bool
     generators: list[torch.Generator | None]  # per row; None = the engine's shared generator
+    params: list[SamplingParams]  # per row, read on the host only
+    nucleus_fits: list[bool]  # per row: did its nucleus fit in CANDIDATES tokens last step (a guess for this one)
 
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device):
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return host_to_device(torch.tensor(values, dtype=dtype), device)
 
         return cls(
             temperature=tensor([p.temperature for p in params], torch.float32),
@@ -49,7 +61,17 @@ class BatchSampling(RowState):
             frequency=tensor([p.frequency_penalty for p in params], torch.float32),
             greedy=tensor([p.greedy for p in params], torch.bool),
             generators=list(generators),
+            params=list(params),
+            nucleus_fits=[True] * len(params),  # a real model's nucleus is small: guess so until shown otherwise
         )
+
+
+def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`. On CUDA through pinned memory, so the copy is queued
+    behind the running step instead of waiting for it (a pageable copy synchronises)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -68,50 +90,60 @@ def apply_presence_frequency(
 
 
 # A real chat model's nucleus at the tutorial's temperature 0.5 / top_p 0.8 is a handful of tokens;
-# when every row's kept set provably fits in this many candidates, we skip sorting the vocabulary.
+# when every row's kept set fits in this many candidates, we skip sorting the vocabulary.
 CANDIDATES = 256
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this step's sampling needs, from the sampling rows' parameters alone (no device read)."""
+
+    sample: bool  # some row samples (else every row is greedy: the argmax)
+    penalty: bool  # some row has a repetition penalty other than 1
+    presence_frequency: bool
+    min_p: bool
+    candidates: bool  # draw from the top CANDIDATES tokens (checked afterwards where a nucleus decides)
+    nucleus: bool  # some sampling row's kept set depends on the distribution (top-p without top-k)
+
+    @classmethod
+    def of(cls, sampling: BatchSampling, vocab: int) -> Plan:
+        params = sampling.params
+        sampled = [(p, fits) for p, fits in zip(params, sampling.nucleus_fits, strict=True) if not p.greedy]
+        nucleus = [fits for p, fits in sampled if p.top_k == 0 and p.top_p < 1.0]
+        # A row with top-k beyond the candidates, or sampling from the whole distribution, needs them all.
+        whole = any(p.top_k > CANDIDATES or (p.top_k == 0 and p.top_p >= 1.0) for p, _ in sampled)
+        return cls(
+            sample=bool(sampled),
+            penalty=any(p.repetition_penalty != 1.0 for p in params),
+            presence_frequency=any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params),
+            min_p=any(p.min_p > 0 for p, _ in sampled),
+            candidates=vocab > CANDIDATES and not whole and all(nucleus),
+            nucleus=bool(nucleus),
+        )
 
 
 def candidate_weights(
     scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, K] and their sampling weights [B, K] after top-k, then top-p on what top-k
-    left, then min-p (tokens under min_p x the top token's probability are dropped).
-
-    Exact: the cheap path over the top CANDIDATES tokens is used only when it keeps precisely the
-    tokens a full sort would keep; otherwise the whole vocabulary is ranked.
-    """
-    vocab = scaled.shape[-1]
-    found = None
-    if vocab > CANDIDATES and _shortcut_possible(scaled, top_k, top_p):
-        found = _ranked_weights(scaled, top_k, top_p, CANDIDATES)
-    if found is None:
-        found = _ranked_weights(scaled, top_k, top_p, vocab)
-    assert found is not None  # ranking the whole vocabulary is always exact
-    ids, weights = found
-    if min_p is not None and bool((min_p > 0).any()):
-        # Ranked best first, so column 0 is each row's top probability; min-p only removes tokens,
-        # and the top token is always among the candidates, so the shortcut stays exact.
-        weights = weights.masked_fill(weights < min_p[:, None] * weights[:, :1], 0.0)
-    return ids, weights
+    left, then min-p, ranking the whole vocabulary (exact for any distribution)."""
+    ids, weights, _ = ranked_weights(scaled, top_k, top_p, scaled.shape[-1])
+    return ids, weights if min_p is None else apply_min_p(weights, min_p)
 
 
-def _shortcut_possible(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> bool:
-    """False when some row's nucleus certainly needs more than CANDIDATES tokens: even if all of
-    them had the top probability, they would not reach top_p (a flat distribution)."""
-    nucleus_rows = top_k == 0
-    if not bool(nucleus_rows.any()):
-        return True
-    top_prob = (scaled.max(dim=-1).values - torch.logsumexp(scaled, dim=-1)).exp()
-    return bool((top_prob[nucleus_rows] * CANDIDATES >= top_p[nucleus_rows]).all())
+def apply_min_p(weights: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Tokens under min_p x the top token's probability are dropped. Ranked best first, so column
+    0 is each row's top probability; min-p only removes tokens, so the candidates stay exact."""
+    return weights.masked_fill(weights < min_p[:, None] * weights[:, :1], 0.0)
 
 
-def _ranked_weights(
+def ranked_weights(
     scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top `k` token ids [B, k] best first, their weights after top-k and top-p, and per row
+    whether its kept set lies within the first CANDIDATES ranks (with k = CANDIDATES: whether
+    these weights are exactly what ranking the whole vocabulary would give)."""
     vocab = scaled.shape[-1]
-    if k < vocab and bool(((top_k == 0) & (top_p >= 1.0)).any()):
-        return None  # a row samples from the full distribution
     values, ids = scaled.topk(k, dim=-1) if k < vocab else scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(k, device=scaled.device)[None, :]
     bounded = (top_k > 0) & (top_k <= k)
@@ -124,11 +156,71 @@ def _ranked_weights(
     cumulative = probs.cumsum(dim=-1)
     # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
     keep = in_top_k & ((cumulative - probs <= top_p[:, None]) | (top_p[:, None] >= 1.0))
-    if k < vocab:
-        nucleus_inside = (top_k == 0) & (top_p < 1.0) & (cumulative[:, -1] > top_p)
-        if not bool((bounded | nucleus_inside).all()):
-            return None
-    return ids, probs.masked_fill(~keep, 0.0)
+    column = min(CANDIDATES, k) - 1
+    nucleus_inside = (top_k == 0) & (top_p < 1.0) & (cumulative[:, column] > top_p)
+    fits = ((top_k > 0) & (top_k <= CANDIDATES)) | nucleus_inside
+    return ids, probs.masked_fill(~keep, 0.0), fits
+
+
+@dataclass
+class Draw:
+    """One token per row on the device, and how to check it with the host's one read."""
+
+    tokens: torch.Tensor  # [B] long
+    fits: torch.Tensor | None  # [B] bool: each row's nucleus within CANDIDATES (greedy rows: True)
+    exact: Callable[[], torch.Tensor] | None  # when `tokens` are a guess: the full sort's tokens, same uniforms
+
+
+def draw_tokens(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    params: BatchSampling,
+    shared: torch.Generator,
+    counts: torch.Tensor | None = None,
+) -> Draw:
+    """One token per row from float32 logits [B, V], without reading the device; `seen` [B, V]
+    marks tokens in each context, `counts` [B, V] how often each was generated."""
+    plan = Plan.of(params, logits.shape[-1])
+    if plan.penalty:
+        logits = apply_repetition_penalty(logits, seen, params.penalty)
+    if counts is not None and plan.presence_frequency:
+        logits = apply_presence_frequency(logits, counts, params.presence, params.frequency)
+    choice = logits.argmax(dim=-1)
+    if not plan.sample:
+        return Draw(choice, None, None)
+    scaled = logits / params.temperature.clamp(min=1e-5)[:, None]
+    uniform = _uniforms(len(scaled), params.generators, shared, scaled.device)
+
+    def pick(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, weights, fits = ranked_weights(scaled, params.top_k, params.top_p, k)
+        if plan.min_p:
+            weights = apply_min_p(weights, params.min_p)
+        sampled = ids.gather(-1, _inverse_cdf(weights, uniform)[:, None]).squeeze(-1)
+        return torch.where(params.greedy, choice, sampled), fits | params.greedy
+
+    if not plan.candidates:
+        tokens, fits = pick(scaled.shape[-1])
+        return Draw(tokens, fits if plan.nucleus else None, None)
+    tokens, fits = pick(CANDIDATES)
+    if not plan.nucleus:  # every sampling row is bounded by a top-k within the candidates: exact
+        return Draw(tokens, None, None)
+    return Draw(tokens, fits, lambda: pick(scaled.shape[-1])[0])
+
+
+def settle(draw: Draw, params: BatchSampling) -> tuple[torch.Tensor, list[int]]:
+    """The drawn tokens on the device and as ids on the host: one copy from the device, two when
+    the candidates were guessed and some nucleus turned out larger. Notes each row's nucleus
+    size for the next step's guess."""
+    if draw.fits is None:
+        return draw.tokens, draw.tokens.tolist()
+    both = torch.cat([draw.tokens, draw.fits.to(draw.tokens.dtype)]).tolist()
+    rows = len(draw.tokens)
+    ids, fits = both[:rows], [bool(f) for f in both[rows:]]
+    params.nucleus_fits = fits
+    if draw.exact is None or all(fits):
+        return draw.tokens, ids
+    tokens = draw.exact()
+    return tokens, tokens.tolist()
 
 
 def sample_next_tokens(
@@ -138,37 +230,38 @@ def sample_next_tokens(
     shared: torch.Generator,
     counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row from float32 logits [B, V]; `seen` [B, V] marks tokens in each context,
-    `counts` [B, V] how often each was generated."""
-    if bool((params.penalty != 1.0).any()):
-        logits = apply_repetition_penalty(logits, seen, params.penalty)
-    if counts is not None and bool((params.presence != 0).any() or (params.frequency != 0).any()):
-        logits = apply_presence_frequency(logits, counts, params.presence, params.frequency)
-    choice = logits.argmax(dim=-1)
-    if bool(params.greedy.all()):
-        return choice
-    scaled = logits / params.temperature.clamp(min=1e-5)[:, None]
-    ids, weights = candidate_weights(scaled, params.top_k, params.top_p, params.min_p)
-    picked = _inverse_cdf(weights, params.generators, shared)
-    sampled = ids.gather(-1, picked[:, None]).squeeze(-1)
-    return torch.where(params.greedy, choice, sampled)
+    """`draw_tokens`, settled: the tokens [B] on the device."""
+    return settle(draw_tokens(logits, seen, params, shared, counts), params)[0]
 
 
-def _inverse_cdf(
-    weights: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator
+def _uniforms(
+    rows: int, generators: list[torch.Generator | None], shared: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    """One index per row, drawn in proportion to `weights` (unnormalised, zeros never drawn).
-
-    Rows with a seed draw their uniform number from their own generator, so their answer does
-    not depend on which other requests share the batch.
-    """
-    cumulative = weights.cumsum(dim=-1)
-    uniform = torch.empty(weights.shape[0], device=weights.device)
+    """One uniform number per row. Rows with a seed draw theirs from their own generator, so their
+    answer does not depend on which other requests share the batch; the others take theirs from
+    one draw of the shared generator, in row order."""
     unseeded = [i for i, g in enumerate(generators) if g is None]
-    if unseeded:
-        uniform[unseeded] = torch.rand(len(unseeded), generator=shared, device=weights.device)
-    for i, gen in enumerate(generators):
-        if gen is not None:
-            uniform[i] = torch.rand(1, generator=gen, device=weights.device)
+    if len(unseeded) == rows:
+        return torch.rand(rows, generator=shared, device=device)
+    common = torch.rand(len(unseeded), generator=shared, device=device) if unseeded else None
+    own = [torch.rand(1, generator=g, device=device) for g in generators if g is not None]
+    pieces, next_common, next_own = [], 0, 0
+    for g in generators:
+        if g is None:
+            assert common is not None
+            pieces.append(common[next_common : next_common + 1])
+            next_common += 1
+        else:
+            pieces.append(own[next_own])
+            next_own += 1
+    return torch.cat(pieces)
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One index per row, drawn in proportion to `weights` (unnormalised, zeros never drawn):
+    the first index whose running total exceeds the row's uniform share of the total, counted as
+    the running totals at or below it (what a right-sided binary search returns; the totals never
+    decrease)."""
+    cumulative = weights.cumsum(dim=-1)
     target = (uniform * cumulative[:, -1])[:, None]
-    return torch.searchsorted(cumulative, target, right=True).squeeze(-1).clamp(max=weights.shape[-1] - 1)
+    return (cumulative <= target).sum(dim=-1).clamp(max=weights.shape[-1] - 1)

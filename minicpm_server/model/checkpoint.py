@@ -283,30 +283,19 @@ def load_tokenizer(files: CheckpointFiles) -> Tokenizer:
 
 
 def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
-    from transformers import GraniteForCausalLM
+    """The model with the checkpoint's weights, streamed in one tensor at a time (loading.py)."""
+    from minicpm_server.model.loading import load_streaming
 
     try:
-        model, info = GraniteForCausalLM.from_pretrained(
-            str(files.path),
-            config=granite_config(files.config),
-            dtype=dtype,
-            device_map=str(device),
-            attn_implementation=attn,
-            local_files_only=True,
-            output_loading_info=True,
-        )
+        model, missing, report = load_streaming(granite_config(files.config), files.weight_files, device, dtype, attn)
     except Exception as exc:  # corrupt pickles and truncated files surface as many exception types
         raise CheckpointError(f"cannot read the weights in {files.path}: {_one_line(exc)}") from None
-    # from_pretrained fills missing weights with random values; for serving that is never right.
-    missing = [
-        k for k in info.get("missing_keys", ()) if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
-    ]
-    if missing:
+    if missing:  # never serve a model with holes in it
         shown = ", ".join(sorted(missing)[:4])
         raise CheckpointError(
             f"the weights in {files.path} are incomplete: {len(missing)} tensors missing ({shown}, ...)"
         )
-    model.eval()
+    log.info("weights: %s", report.summary())
     return model
 
 

@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from minicpm_server.engine.native.budget import KvShape
+from minicpm_server.engine.native.lean import LeanDecoder
+from minicpm_server.engine.native.packed import PackedLinear, packing_available
+from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.model.checkpoint import granite_config, inspect_checkpoint, load_checkpoint
+from minicpm_server.model.loading import load_streaming
 from minicpm_server.model.tiny import SIZES, TinySize, build_tiny_checkpoint
 from tests.harness import REPO
 
+CPU = torch.device("cpu")
 # (size, weights format, shards, dtype the file stores)
 LAYOUTS = {
     "bin-fp32": ("tiny", "bin", 1, torch.float32),
@@ -111,3 +117,34 @@ def test_load_peak_is_one_copy_plus_a_tensor(tmp_path: Path, tiny_dir: Path) -> 
     largest = PEAK_SHAPE.vocab_size * PEAK_SHAPE.hidden_size * 2  # the embedding, in bfloat16
     assert measured["peak_rise"] < bf16_bytes + largest + (16 << 20), measured
     assert measured["rise"] < bf16_bytes * 1.1 + (16 << 20), measured
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_while_reading_gives_the_packed_engine_model(tiny_dir: Path, dtype: torch.dtype) -> None:
+    """Packed as read (the server's path on a wide model on CPU) equals loaded dense, then packed
+    by the lean decoder (what the engine did before), and holds no dense copy of the layers."""
+    if not packing_available(dtype):
+        pytest.skip(f"this torch build or CPU cannot pack {dtype} weights for oneDNN")
+    files = inspect_checkpoint(tiny_dir)
+    config = granite_config(files.config)
+    packed_early, missing, report = load_streaming(config, files.weight_files, CPU, dtype, "sdpa", pack=True)
+    assert missing == [] and report.seconds["packing"] > 0
+    packed_late = load_checkpoint(tiny_dir, device="cpu", dtype=str(dtype).removeprefix("torch.")).model
+    for model in (packed_early, packed_late):
+        shape = KvShape.of(model)
+        cache = PagedKVCache(shape.num_layers, 8 * 16 + 1, shape.kv_heads, shape.head_dim, shape.dtype, CPU)
+        LeanDecoder(model, cache, 16, pack_weights=True)
+    layer = packed_early.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, PackedLinear) and isinstance(layer.mlp.down_proj, PackedLinear)
+    assert sum(p.numel() for p in packed_early.model.layers.parameters()) == sum(
+        p.numel() for p in packed_late.model.layers.parameters()
+    )  # the norms only
+    early = dict(packed_early.named_modules())
+    for name, module in packed_late.named_modules():
+        if isinstance(module, PackedLinear):  # packed tensors are opaque: compare W^T = I @ W^T
+            identity = torch.eye(module.in_features, dtype=dtype)
+            assert torch.equal(early[name](identity), module(identity)), name
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    with torch.inference_mode():
+        assert torch.equal(packed_early(ids).logits, packed_late(ids).logits)
+    assert checkpoint_mappings(tiny_dir) == []

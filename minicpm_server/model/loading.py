@@ -153,10 +153,35 @@ def _rebuild_buffers(model: Any, device: torch.device) -> None:
         setattr(model.get_submodule(parent_name), leaf, fresh)
 
 
+def _linear_owner(model: Any, name: str) -> tuple[Any, str] | None:
+    """(parent module, attribute) when `name` is the weight of a bias-free nn.Linear."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf != "weight" or not isinstance(owner, torch.nn.Linear) or owner.bias is not None:
+        return None
+    parent_name, _, attribute = owner_name.rpartition(".")
+    return model.get_submodule(parent_name), attribute
+
+
+def _pack_from(view: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
+    """The packed layer straight from the mapped matrix: one pass over the file's bytes, not a
+    private copy first and the packed one after (a converted matrix is the only temporary)."""
+    from minicpm_server.engine.native.packed import PackedLinear
+
+    return PackedLinear(view if view.dtype == dtype else view.to(dtype))
+
+
 def stream_weights(
-    model: Any, weight_files: tuple[Path, ...], device: torch.device, dtype: torch.dtype, report: LoadReport
+    model: Any,
+    weight_files: tuple[Path, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    report: LoadReport,
+    *,
+    pack: bool = False,
 ) -> None:
-    """Fill the meta model's parameters from the files, one tensor at a time."""
+    """Fill the meta model's parameters from the files, one tensor at a time; with `pack`, its
+    linear layers become oneDNN-packed ones as they are read (CPU, engine/native/packed.py)."""
     wanted = dict(model.named_parameters(remove_duplicate=False))
     for file in weight_files:
         with mapped_tensors(file) as tensors:
@@ -165,8 +190,13 @@ def stream_weights(
                     continue  # e.g. a stored rotary table: computed, not loaded
                 _expect_shape(name, view, wanted[name])
                 start = time.perf_counter()
-                _set_tensor(model, name, copy_out(view, device, dtype))
-                report.add("copying", time.perf_counter() - start)
+                linear = _linear_owner(model, name) if pack else None
+                if linear is not None:
+                    setattr(*linear, _pack_from(view, dtype))
+                    report.add("packing", time.perf_counter() - start)
+                else:
+                    _set_tensor(model, name, copy_out(view, device, dtype))
+                    report.add("copying", time.perf_counter() - start)
                 report.tensors += 1
                 report.bytes_read += view.numel() * view.element_size()
                 release_pages(view)
@@ -179,19 +209,27 @@ def _expect_shape(name: str, view: torch.Tensor, param: torch.Tensor) -> None:
 
 
 def load_streaming(
-    config: Any, weight_files: tuple[Path, ...], device: torch.device, dtype: torch.dtype, attn: str
+    config: Any,
+    weight_files: tuple[Path, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    attn: str,
+    *,
+    pack: bool = False,
 ) -> tuple[Any, list[str], LoadReport]:
-    """(model, missing tensor names, report); the model is tied, in eval mode, on `device`."""
+    """(model, missing tensor names, report); the model is tied, in eval mode, on `device`.
+    `pack`: linear layers packed as they are read (stream_weights)."""
     report = LoadReport()
     start = time.perf_counter()
     model = empty_model(config, dtype, attn)
     built = time.perf_counter()
     report.add("building", built - start)
-    stream_weights(model, weight_files, device, dtype, report)
+    stream_weights(model, weight_files, device, dtype, report, pack=pack)
     if config.tie_word_embeddings:  # MiniCPM stores only the embedding; the head is the same tensor
         model.lm_head.weight = model.model.embed_tokens.weight
     _rebuild_buffers(model, device)
     model.eval()
     missing = [name for name, param in model.named_parameters(remove_duplicate=False) if param.is_meta]
-    report.add("opening files", time.perf_counter() - built - report.seconds.get("copying", 0.0))
+    spent = sum(report.seconds.get(phase, 0.0) for phase in ("copying", "packing"))
+    report.add("opening files", time.perf_counter() - built - spent)
     return model, missing, report

@@ -145,28 +145,27 @@ def wait_ready(url: str, proc: subprocess.Popen, started: float, timeout: float 
     raise RuntimeError(f"not ready after {timeout} s")
 
 
-def one_request(server: Server, url: str, prompts: Prompts) -> tuple[float, float]:
-    """(first token seconds, decode tokens/s) of one streamed request of NEW_TOKENS tokens."""
-    body = server.body(prompts.next(), NEW_TOKENS, True)
+def one_request(server: Server, url: str, prompts: Prompts, new_tokens: int) -> tuple[float, float]:
+    """(first token seconds, decode tokens/s) of one streamed request of `new_tokens` tokens.
+    The first chunk that carries a choice marks the first token: random weights may well
+    generate a first token whose text is still empty (a partial UTF-8 byte sequence)."""
+    body = server.body(prompts.next(), new_tokens, True)
     start = time.perf_counter()
     first = None
-    pieces = 0
-    with requests.post(url + "/v1/completions", json=body, stream=True, timeout=900) as r:
+    with requests.post(url + "/v1/completions", json=body, stream=True, timeout=1800) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            choice = (json.loads(line[6:]).get("choices") or [{}])[0]
-            if choice.get("text") or choice.get("token_ids"):
-                pieces += 1
+            if json.loads(line[6:]).get("choices"):
                 first = first or time.perf_counter()
     end = time.perf_counter()
     if first is None:
-        raise RuntimeError(f"{server.name}: the stream produced no text")
-    return first - start, (NEW_TOKENS - 1) / max(end - first, 1e-9)
+        raise RuntimeError(f"{server.name}: the stream carried no tokens")
+    return first - start, (new_tokens - 1) / max(end - first, 1e-9)
 
 
-def measure_start(server: Server, port: int, prompts: Prompts, log_file: Path) -> Start:
+def measure_start(server: Server, port: int, prompts: Prompts, log_file: Path, new_tokens: int) -> Start:
     if not port_free(port):
         raise RuntimeError(f"port {port} is busy")
     url = f"http://127.0.0.1:{port}"
@@ -174,7 +173,7 @@ def measure_start(server: Server, port: int, prompts: Prompts, log_file: Path) -
     proc = start_server(server, log_file)
     try:
         ready = wait_ready(url, proc, started)
-        ttft, tps = one_request(server, url, prompts)
+        ttft, tps = one_request(server, url, prompts, new_tokens)
         status, rollup = proc_status(proc.pid), smaps_rollup(proc.pid)
     finally:
         stop_server(proc)
@@ -242,7 +241,13 @@ def run(args) -> dict[tuple[str, str, str], list[Start]]:
                     else:
                         warm_page_cache(files)
                     log_file = logs / f"{name}-{precision}-{cache}-{round_no}.log"
-                    start = measure_start(server, args.port, prompts, log_file)
+                    try:
+                        start = measure_start(server, args.port, prompts, log_file, args.new_tokens)
+                    except RuntimeError as exc:  # e.g. an old checkout that cannot load this precision
+                        print(
+                            f"round {round_no} {precision} {cache} {name}: FAILED: {exc} (log {log_file})", flush=True
+                        )
+                        continue
                     results.setdefault((name, precision, cache), []).append(start)
                     print(f"round {round_no} {precision} {cache} {name}:", flush=True)
                     print("\n".join(f"    {line}" for line in start.timeline), flush=True)
@@ -257,21 +262,33 @@ def median(starts: list[Start], field: str) -> float:
 
 def report(results: dict[tuple[str, str, str], list[Start]]) -> None:
     fields = ("peak_gb", "steady_gb", "private_gb", "file_gb", "ready_s", "ttft_s", "decode_tps")
-    print("\n| server | precision | page cache | peak RSS GB | steady RSS GB | private GB | file-backed GB "
-          "| ready s | first token s | decode tok/s |")
+    print(
+        "\n| server | precision | page cache | peak RSS GB | steady RSS GB | private GB | file-backed GB "
+        "| ready s | first token s | decode tok/s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (name, precision, cache), starts in results.items():
         cells = " | ".join(f"{median(starts, f):.2f}" for f in fields)
         print(f"| {name} | {precision} | {cache} | {cells} |")
-    print("\n| precision | page cache | peak RSS ours/llama | ready ours/llama | first token ours/llama "
-          "| decode ours/llama |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    ratio_table(results, "llama", ("ours", "before"))
+    ratio_table(results, "before", ("ours",))
+
+
+def ratio_table(results: dict[tuple[str, str, str], list[Start]], baseline: str, names: tuple[str, ...]) -> None:
+    fields = ("peak_gb", "steady_gb", "ready_s", "ttft_s", "decode_tps")
+    rows = []
     for (name, precision, cache), starts in results.items():
-        peer = results.get(("llama", precision, cache))
-        if name != "ours" or not peer:
-            continue
-        ratios = [median(starts, f) / median(peer, f) for f in ("peak_gb", "ready_s", "ttft_s", "decode_tps")]
-        print(f"| {precision} | {cache} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+        base = results.get((baseline, precision, cache))
+        if name in names and base:
+            ratios = " | ".join(f"{median(starts, f) / median(base, f):.2f}x" for f in fields)
+            rows.append(f"| {name} | {precision} | {cache} | {ratios} |")
+    if rows:
+        print(
+            f"\n| server | precision | page cache | peak RSS / {baseline} | steady RSS / {baseline} "
+            f"| ready / {baseline} | first token / {baseline} | decode tok/s / {baseline} |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("\n".join(rows))
 
 
 def main() -> None:
@@ -282,6 +299,7 @@ def main() -> None:
     parser.add_argument("--peers", default="llama", type=lambda s: [p for p in s.split(",") if p])
     parser.add_argument("--before", default=None, help="another checkout of ours, measured as 'before'")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--port", type=int, default=18431)
     args = parser.parse_args()
     if "llama" in args.peers and not LLAMA_SERVER.is_file():

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 from minicpm_server.engine.native.budget import KvShape
@@ -148,3 +149,22 @@ def test_packing_while_reading_gives_the_packed_engine_model(tiny_dir: Path, dty
     with torch.inference_mode():
         assert torch.equal(packed_early(ids).logits, packed_late(ids).logits)
     assert checkpoint_mappings(tiny_dir) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_server_answers_from_weights_packed_as_read_and_maps_no_checkpoint(start_server, tmp_path: Path) -> None:
+    """The server's own path: a model wide enough to be packed while it loads (on a CPU that packs
+    float32), a real request answered, and afterwards no mapping of any checkpoint file."""
+    path = build_tiny_checkpoint(tmp_path / "MiniCPM-wide", PEAK_SHAPE, seed=6, tokenizer_json=False)
+    server = start_server("--model-path", path, "--device", "cpu", "--log-level", "info", wait=False)
+    server.wait_ready(timeout=600)  # a 120 MB model: a shared, busy machine can take minutes
+    answer = requests.post(
+        server.url + "/v1/completions",
+        json={"prompt": "hello", "max_tokens": 4, "ignore_eos": True, "temperature": 0},
+        timeout=120,
+    )
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+    [weights_line] = server.log_lines("weights: ")
+    assert ("packing" in weights_line) == packing_available(torch.float32), weights_line
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert str(path.resolve()) not in maps

@@ -62,7 +62,9 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     from minicpm_server.engine.native.engine import NativeEngine
     from minicpm_server.model.checkpoint import load_checkpoint
 
-    checkpoint = load_checkpoint(settings.model_path, settings.device, settings.dtype, checked=checked)
+    # Compiling traces transformers' forward over plain nn.Linear layers: then nothing is packed.
+    pack = not settings.compile
+    checkpoint = load_checkpoint(settings.model_path, settings.device, settings.dtype, checked=checked, pack=pack)
     torch.manual_seed(settings.seed)  # the tutorial seeds torch once at start-up; so do we
     return NativeEngine(
         checkpoint.model,

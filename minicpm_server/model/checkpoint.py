@@ -282,31 +282,27 @@ def load_tokenizer(files: CheckpointFiles) -> Tokenizer:
         raise CheckpointError(f"cannot load the tokenizer from {files.path}: {exc}") from None
 
 
-def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
-    from transformers import GraniteForCausalLM
+def load_model(
+    files: CheckpointFiles, device: torch.device, dtype: torch.dtype, attn: str, *, pack: bool = False
+) -> Any:
+    """The model with the checkpoint's weights, streamed in one tensor at a time (loading.py);
+    `pack`: its linear layers packed for oneDNN as they are read, where the native engine would
+    pack them anyway (engine/native/packed.py), so no dense copy is ever made of them."""
+    from minicpm_server.engine.native.packed import packs_weights
+    from minicpm_server.model.loading import load_streaming
 
+    config = granite_config(files.config)
+    pack = pack and packs_weights(device, config.hidden_size, dtype)
     try:
-        model, info = GraniteForCausalLM.from_pretrained(
-            str(files.path),
-            config=granite_config(files.config),
-            dtype=dtype,
-            device_map=str(device),
-            attn_implementation=attn,
-            local_files_only=True,
-            output_loading_info=True,
-        )
+        model, missing, report = load_streaming(config, files.weight_files, device, dtype, attn, pack=pack)
     except Exception as exc:  # corrupt pickles and truncated files surface as many exception types
         raise CheckpointError(f"cannot read the weights in {files.path}: {_one_line(exc)}") from None
-    # from_pretrained fills missing weights with random values; for serving that is never right.
-    missing = [
-        k for k in info.get("missing_keys", ()) if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
-    ]
-    if missing:
+    if missing:  # never serve a model with holes in it
         shown = ", ".join(sorted(missing)[:4])
         raise CheckpointError(
             f"the weights in {files.path} are incomplete: {len(missing)} tensors missing ({shown}, ...)"
         )
-    model.eval()
+    log.info("weights: %s", report.summary())
     return model
 
 
@@ -323,16 +319,22 @@ def preflight(path: str | Path, device: str = "auto") -> Preflight:
 
 
 def load_checkpoint(
-    path: str | Path, device: str = "auto", dtype: str = "auto", *, checked: Preflight | None = None
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    checked: Preflight | None = None,
+    pack: bool = False,
 ) -> LoadedCheckpoint:
-    """Load the model and tokenizer; `checked` (from preflight) skips the checks already made."""
+    """Load the model and tokenizer; `checked` (from preflight) skips the checks already made;
+    `pack` packs linear layers as they load (load_model), for the native engine's lean decoder."""
     start = time.perf_counter()
     checked = checked or preflight(path, device)
     files, torch_device = checked.files, checked.device
     torch_dtype = resolve_dtype(dtype, torch_device)
     attn = attention_implementation(torch_device, torch_dtype)
     tokenizer = load_tokenizer(files)
-    model = load_model(files, torch_device, torch_dtype, attn)
+    model = load_model(files, torch_device, torch_dtype, attn, pack=pack)
     seconds = time.perf_counter() - start
     log.info("loaded %s on %s as %s (%s attention) in %.1f s", files.path, torch_device, torch_dtype, attn, seconds)
     return LoadedCheckpoint(model, tokenizer, files, torch_device, torch_dtype, attn)

@@ -41,13 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minicpm_server.engine.native.packed import (
-    MIN_HIDDEN_SIZE,
-    PackedLinear,
-    PackedProjection,
-    pack,
-    packing_available,
-)
+from minicpm_server.engine.native.packed import PackedLinear, PackedProjection, pack, packs_weights
 from minicpm_server.engine.native.paged import BlockDecodeLayout, PagedKVCache
 
 log = logging.getLogger("minicpm_server.engine.native.lean")
@@ -112,9 +106,10 @@ class LeanDecoder:
         self.attention_multiplier = config.attention_multiplier
         self.logits_scaling = config.logits_scaling
         inner = model.model
-        on_cpu = inner.embed_tokens.weight.device.type == "cpu"
+        device = inner.embed_tokens.weight.device
+        on_cpu = device.type == "cpu"
         if pack_weights is None:
-            pack_weights = on_cpu and config.hidden_size >= MIN_HIDDEN_SIZE and packing_available()
+            pack_weights = packs_weights(device, config.hidden_size, inner.norm.weight.dtype)
 
         def right(modules: list[torch.nn.Linear]) -> torch.Tensor:
             wide = sum(m.out_features for m in modules) > modules[0].in_features

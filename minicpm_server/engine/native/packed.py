@@ -45,28 +45,37 @@ def _product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def packing_available() -> bool:
-    """Whether this torch build has oneDNN's packed linear operators, and they compute right."""
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build and CPU have oneDNN's packed linear operators for `dtype`, and
+    they compute right. bfloat16 packing needs AVX512-BF16-class instructions (oneDNN refuses it
+    on AVX2-only CPUs, such as the 2-core benchmark machine); bfloat16 weights then stay dense."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        weight = torch.arange(12.0).reshape(3, 4)
-        x = torch.ones(2, 4)
+        weight = torch.arange(12.0).reshape(3, 4).to(dtype)
+        x = torch.ones(2, 4, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
-        return bool(torch.allclose(_product(x, packed), x @ weight.t()))
+        return bool(torch.allclose(_product(x, packed).float(), (x @ weight.t()).float()))
     except Exception as exc:  # an operator missing or refusing: keep the plain products
-        log.info("oneDNN weight packing unavailable (%s); using PyTorch's default CPU products", exc)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.info("oneDNN weight packing unavailable for %s (%s); using PyTorch's default products", dtype, reason)
         return False
 
 
-class PackedLinear(torch.nn.Module):
-    """A bias-free nn.Linear whose weight lives only in oneDNN's packed layout."""
+def packs_weights(device: torch.device, hidden_size: int, dtype: torch.dtype) -> bool:
+    """Whether the native engine packs a model this wide, on this device, in this dtype: the one
+    rule, asked by the lean decoder and by loading (model/loading.py packs as it reads)."""
+    return device.type == "cpu" and hidden_size >= MIN_HIDDEN_SIZE and packing_available(dtype)
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+
+class PackedLinear(torch.nn.Module):
+    """A bias-free nn.Linear whose weight lives only in oneDNN's packed layout. `weight` ([out,
+    in]) may be a view into a memory-mapped file: packing reads it once and keeps no reference."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().contiguous()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _product(x, self.packed)
@@ -76,7 +85,7 @@ def pack(parent: Any, name: str) -> PackedLinear:
     """Replace `parent.<name>` (an nn.Linear without bias) by its packed form; idempotent."""
     module = getattr(parent, name)
     if not isinstance(module, PackedLinear):
-        module = PackedLinear(module)
+        module = PackedLinear(module.weight)
         setattr(parent, name, module)
     return module
 

@@ -1,0 +1,235 @@
+"""Stream a checkpoint's weights into the model one tensor at a time, so loading never holds two
+copies of the weights and nothing of the checkpoint file stays mapped afterwards.
+
+Why not transformers' `from_pretrained`: on the full MiniCPM-2B shape on CPU it left the fp32
+`pytorch_model.bin` memory-mapped for as long as the model lived (float32 weights were views
+into the mapping, and the engine's packed copies came on top: 22.4 GB resident on a 24 GB
+machine), and in bfloat16 it converted from the mapped file with both copies resident for a
+while (16.4 GB while loading, 8 GB after).
+
+What this does instead, for each tensor in the file's order (which is layer order):
+
+1. read it as a view into the file's memory mapping (`torch.load(mmap=True)` for the pickled
+   `.bin` the download ships, `safe_open` for safetensors; neither reads the data yet);
+2. copy it to its device and dtype (the only copy kept: private memory, or the GPU's);
+3. tell the kernel we are done with those pages of the mapping (`madvise(MADV_DONTNEED)`: the
+   file stays in the OS page cache, but no longer counts in this process's resident memory);
+4. put the copy into the model, which was built with no storage at all (PyTorch's meta device).
+
+So the resident peak is the loaded weights plus one tensor, on CPU and for the host side of a
+CUDA load alike, and once the last view is dropped the mapping is closed (tests/test_loading.py
+reads /proc/self/maps to check).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("minicpm_server")
+
+
+@dataclass
+class LoadReport:
+    """Where the load's time went, for the start-up log and bench/memory.py."""
+
+    tensors: int = 0
+    bytes_read: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def summary(self) -> str:
+        phases = ", ".join(f"{name} {value:.1f} s" for name, value in self.seconds.items())
+        return f"{self.tensors} tensors, {self.bytes_read / 1e9:.2f} GB read ({phases})"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@contextmanager
+def mapped_tensors(file: Path) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+    """(name, tensor) pairs whose data are views into `file`'s memory mapping, in file order.
+    The mapping closes when the caller has dropped every view (and this context has ended)."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            yield ((name, handle.get_tensor(name)) for name in handle.keys())  # noqa: SIM118 (a handle, not a dict)
+    else:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            yield _drain(state)
+        finally:
+            state.clear()
+
+
+def _drain(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hand out the dict's tensors in its order, dropping its own reference to each as we go."""
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+def _madvise() -> Any | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_MADVISE = _madvise()
+
+
+def release_pages(view: torch.Tensor) -> None:
+    """Drop the pages under `view` from this process's resident set (Linux; elsewhere a no-op).
+
+    Only for views into a read-only, private file mapping, never written: the kernel then
+    discards our reference to the pages, and a later read would fault them in from the file
+    again. The range is widened to whole pages, which may take in a neighbour's first or last
+    page: harmless for the same reason."""
+    if _MADVISE is None or view.device.type != "cpu" or view.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = view.data_ptr()
+    end = start + view.numel() * view.element_size()
+    first, last = start // page * page, -(-end // page) * page
+    _MADVISE(first, last - first, mmap.MADV_DONTNEED)
+
+
+def copy_out(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of a mapped tensor that owns its memory, on `device` in `dtype` (norms and other
+    float tensors take the model's dtype, as from_pretrained does)."""
+    target = dtype if view.is_floating_point() else view.dtype
+    copied = torch.empty(view.shape, dtype=target, device=device)
+    copied.copy_(view)
+    return copied
+
+
+# --------------------------------------------------------------------------- building
+
+
+def empty_model(config: Any, dtype: torch.dtype, attn: str) -> Any:
+    """GraniteForCausalLM with every parameter on the meta device: shapes, no storage, no init."""
+    from transformers import GraniteForCausalLM
+
+    with torch.device("meta"):
+        model = GraniteForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
+    return model
+
+
+def _set_tensor(model: Any, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        setattr(owner, leaf, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        owner._buffers[leaf] = value
+
+
+def _rebuild_buffers(model: Any, device: torch.device) -> None:
+    """Non-persistent buffers (the rotary table's frequencies) are computed, not stored: make them
+    again off the meta device, the way the module's constructor does."""
+    for module_name, module in list(model.named_modules()):
+        if not any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        fresh = type(module)(config=model.config).to(device)
+        parent_name, _, leaf = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, fresh)
+
+
+def _linear_owner(model: Any, name: str) -> tuple[Any, str] | None:
+    """(parent module, attribute) when `name` is the weight of a bias-free nn.Linear."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf != "weight" or not isinstance(owner, torch.nn.Linear) or owner.bias is not None:
+        return None
+    parent_name, _, attribute = owner_name.rpartition(".")
+    return model.get_submodule(parent_name), attribute
+
+
+def _pack_from(view: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
+    """The packed layer straight from the mapped matrix: one pass over the file's bytes, not a
+    private copy first and the packed one after (a converted matrix is the only temporary)."""
+    from minicpm_server.engine.native.packed import PackedLinear
+
+    return PackedLinear(view if view.dtype == dtype else view.to(dtype))
+
+
+def stream_weights(
+    model: Any,
+    weight_files: tuple[Path, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    report: LoadReport,
+    *,
+    pack: bool = False,
+) -> None:
+    """Fill the meta model's parameters from the files, one tensor at a time; with `pack`, its
+    linear layers become oneDNN-packed ones as they are read (CPU, engine/native/packed.py)."""
+    wanted = dict(model.named_parameters(remove_duplicate=False))
+    for file in weight_files:
+        with mapped_tensors(file) as tensors:
+            for name, view in tensors:
+                if name not in wanted:
+                    continue  # e.g. a stored rotary table: computed, not loaded
+                _expect_shape(name, view, wanted[name])
+                start = time.perf_counter()
+                linear = _linear_owner(model, name) if pack else None
+                if linear is not None:
+                    setattr(*linear, _pack_from(view, dtype))
+                    report.add("packing", time.perf_counter() - start)
+                else:
+                    _set_tensor(model, name, copy_out(view, device, dtype))
+                    report.add("copying", time.perf_counter() - start)
+                report.tensors += 1
+                report.bytes_read += view.numel() * view.element_size()
+                release_pages(view)
+                del view
+
+
+def _expect_shape(name: str, view: torch.Tensor, param: torch.Tensor) -> None:
+    if view.shape != param.shape:
+        raise ValueError(f"{name} has shape {tuple(view.shape)} in the file, the config says {tuple(param.shape)}")
+
+
+def load_streaming(
+    config: Any,
+    weight_files: tuple[Path, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    attn: str,
+    *,
+    pack: bool = False,
+) -> tuple[Any, list[str], LoadReport]:
+    """(model, missing tensor names, report); the model is tied, in eval mode, on `device`.
+    `pack`: linear layers packed as they are read (stream_weights)."""
+    report = LoadReport()
+    start = time.perf_counter()
+    model = empty_model(config, dtype, attn)
+    built = time.perf_counter()
+    report.add("building", built - start)
+    stream_weights(model, weight_files, device, dtype, report, pack=pack)
+    if config.tie_word_embeddings:  # MiniCPM stores only the embedding; the head is the same tensor
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _rebuild_buffers(model, device)
+    model.eval()
+    missing = [name for name, param in model.named_parameters(remove_duplicate=False) if param.is_meta]
+    spent = sum(report.seconds.get(phase, 0.0) for phase in ("copying", "packing"))
+    report.add("opening files", time.perf_counter() - built - spent)
+    return model, missing, report

@@ -1,0 +1,170 @@
+"""Streamed loading (model/loading.py): the same weights as transformers' from_pretrained, in
+every format and dtype; no mapping of the checkpoint left afterwards; one copy's peak."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from minicpm_server.engine.native.budget import KvShape
+from minicpm_server.engine.native.lean import LeanDecoder
+from minicpm_server.engine.native.packed import PackedLinear, packing_available
+from minicpm_server.engine.native.paged import PagedKVCache
+from minicpm_server.model.checkpoint import granite_config, inspect_checkpoint, load_checkpoint
+from minicpm_server.model.loading import load_streaming
+from minicpm_server.model.tiny import SIZES, TinySize, build_tiny_checkpoint
+from tests.harness import REPO
+
+CPU = torch.device("cpu")
+# (size, weights format, shards, dtype the file stores)
+LAYOUTS = {
+    "bin-fp32": ("tiny", "bin", 1, torch.float32),
+    "bin-bf16-sharded": ("tiny", "bin", 2, torch.bfloat16),
+    "safetensors-fp32": ("tiny", "safetensors", 1, torch.float32),
+    "safetensors-gqa-sharded": ("tiny-gqa", "safetensors", 3, torch.float32),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def layout_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    size, fmt, shards, dtype = LAYOUTS[request.param]
+    out = tmp_path_factory.mktemp("layout") / f"MiniCPM-{request.param}"
+    return build_tiny_checkpoint(out, size, seed=4, dtype=dtype, weights_format=fmt, shards=shards)
+
+
+def from_pretrained(path: Path, dtype: torch.dtype):
+    from transformers import GraniteForCausalLM
+
+    files = inspect_checkpoint(path)
+    return GraniteForCausalLM.from_pretrained(
+        str(path), config=granite_config(files.config), dtype=dtype, attn_implementation="sdpa", local_files_only=True
+    ).eval()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_streamed_weights_equal_from_pretrained(layout_dir: Path, dtype: str) -> None:
+    ours = load_checkpoint(layout_dir, device="cpu", dtype=dtype).model
+    theirs = from_pretrained(layout_dir, getattr(torch, dtype))
+    mine, reference = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert mine[name].dtype == tensor.dtype, name
+        assert torch.equal(mine[name], tensor), name
+    for (name, buffer), (_, expected) in zip(ours.named_buffers(), theirs.named_buffers(), strict=True):
+        assert torch.equal(buffer, expected), name  # the rotary table's frequencies, made again
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # tied: one tensor, not two
+    assert not any(p.is_meta for p in ours.parameters())
+    assert not ours.training
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+def checkpoint_mappings(path: Path) -> list[str]:
+    """Lines of /proc/self/maps that map a file of the checkpoint directory."""
+    root = str(path.resolve())
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if root in line]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_no_mapping_of_the_checkpoint_remains(layout_dir: Path, dtype: str) -> None:
+    loaded = load_checkpoint(layout_dir, device="cpu", dtype=dtype)
+    assert checkpoint_mappings(layout_dir) == []
+    assert loaded.model.model.embed_tokens.weight.abs().sum() > 0  # the weights are here, not in the file
+
+
+# A model big enough that its weights dwarf the allocator's noise: 8 layers, 512 wide, ~120 MB in
+# float32. Loaded as bfloat16 from the float32 file in a fresh process, the resident peak above
+# what the process held before may be the bfloat16 weights plus about one tensor, not those plus
+# the float32 file's pages (what from_pretrained's path held: 1.5x the bfloat16 size, or more).
+PEAK_SHAPE = TinySize(512, 8, 8, 8, 1408, 8192, 512)
+_PEAK_PROBE = """
+import json, sys
+from pathlib import Path
+import torch
+from minicpm_server.model.checkpoint import load_checkpoint
+load_checkpoint(sys.argv[2], device="cpu", dtype="bfloat16")  # imports and one-time set-up
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+before = status("VmRSS")
+model = load_checkpoint(sys.argv[1], device="cpu", dtype="bfloat16").model
+print(json.dumps({"peak_rise": status("VmHWM") - before, "rise": status("VmRSS") - before}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM reset")
+def test_load_peak_is_one_copy_plus_a_tensor(tmp_path: Path, tiny_dir: Path) -> None:
+    path = build_tiny_checkpoint(tmp_path / "MiniCPM-peak", PEAK_SHAPE, seed=5, tokenizer_json=False)
+    weights = path / "pytorch_model.bin"
+    shape = SIZES["tiny"]
+    assert PEAK_SHAPE.hidden_size > shape.hidden_size
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(path), str(tiny_dir)], cwd=REPO, capture_output=True, text=True
+    )
+    if done.returncode != 0 and "clear_refs" in done.stderr:
+        pytest.skip("resetting VmHWM is not permitted here")
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    bf16_bytes = weights.stat().st_size // 2
+    largest = PEAK_SHAPE.vocab_size * PEAK_SHAPE.hidden_size * 2  # the embedding, in bfloat16
+    assert measured["peak_rise"] < bf16_bytes + largest + (16 << 20), measured
+    assert measured["rise"] < bf16_bytes * 1.1 + (16 << 20), measured
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_while_reading_gives_the_packed_engine_model(tiny_dir: Path, dtype: torch.dtype) -> None:
+    """Packed as read (the server's path on a wide model on CPU) equals loaded dense, then packed
+    by the lean decoder (what the engine did before), and holds no dense copy of the layers."""
+    if not packing_available(dtype):
+        pytest.skip(f"this torch build or CPU cannot pack {dtype} weights for oneDNN")
+    files = inspect_checkpoint(tiny_dir)
+    config = granite_config(files.config)
+    packed_early, missing, report = load_streaming(config, files.weight_files, CPU, dtype, "sdpa", pack=True)
+    assert missing == [] and report.seconds["packing"] > 0
+    packed_late = load_checkpoint(tiny_dir, device="cpu", dtype=str(dtype).removeprefix("torch.")).model
+    for model in (packed_early, packed_late):
+        shape = KvShape.of(model)
+        cache = PagedKVCache(shape.num_layers, 8 * 16 + 1, shape.kv_heads, shape.head_dim, shape.dtype, CPU)
+        LeanDecoder(model, cache, 16, pack_weights=True)
+    layer = packed_early.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, PackedLinear) and isinstance(layer.mlp.down_proj, PackedLinear)
+    assert sum(p.numel() for p in packed_early.model.layers.parameters()) == sum(
+        p.numel() for p in packed_late.model.layers.parameters()
+    )  # the norms only
+    early = dict(packed_early.named_modules())
+    for name, module in packed_late.named_modules():
+        if isinstance(module, PackedLinear):  # packed tensors are opaque: compare W^T = I @ W^T
+            identity = torch.eye(module.in_features, dtype=dtype)
+            assert torch.equal(early[name](identity), module(identity)), name
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    with torch.inference_mode():
+        assert torch.equal(packed_early(ids).logits, packed_late(ids).logits)
+    assert checkpoint_mappings(tiny_dir) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_server_answers_from_weights_packed_as_read_and_maps_no_checkpoint(start_server, tmp_path: Path) -> None:
+    """The server's own path: a model wide enough to be packed while it loads (on a CPU that packs
+    float32), a real request answered, and afterwards no mapping of any checkpoint file."""
+    path = build_tiny_checkpoint(tmp_path / "MiniCPM-wide", PEAK_SHAPE, seed=6, tokenizer_json=False)
+    server = start_server("--model-path", path, "--device", "cpu", "--log-level", "info", wait=False)
+    server.wait_ready(timeout=600)  # a 120 MB model: a shared, busy machine can take minutes
+    answer = requests.post(
+        server.url + "/v1/completions",
+        json={"prompt": "hello", "max_tokens": 4, "ignore_eos": True, "temperature": 0},
+        timeout=120,
+    )
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+    [weights_line] = server.log_lines("weights: ")
+    assert ("packing" in weights_line) == packing_available(torch.float32), weights_line
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert str(path.resolve()) not in maps

@@ -45,17 +45,20 @@ def _product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def packing_available() -> bool:
-    """Whether this torch build has oneDNN's packed linear operators, and they compute right."""
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build and CPU have oneDNN's packed linear operators for `dtype`, and
+    they compute right. bfloat16 packing needs AVX512-BF16-class instructions (oneDNN refuses it
+    on AVX2-only CPUs, such as the 2-core benchmark machine); bfloat16 weights then stay dense."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        weight = torch.arange(12.0).reshape(3, 4)
-        x = torch.ones(2, 4)
+        weight = torch.arange(12.0).reshape(3, 4).to(dtype)
+        x = torch.ones(2, 4, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
-        return bool(torch.allclose(_product(x, packed), x @ weight.t()))
+        return bool(torch.allclose(_product(x, packed).float(), (x @ weight.t()).float()))
     except Exception as exc:  # an operator missing or refusing: keep the plain products
-        log.info("oneDNN weight packing unavailable (%s); using PyTorch's default CPU products", exc)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.info("oneDNN weight packing unavailable for %s (%s); using PyTorch's default products", dtype, reason)
         return False
 
 

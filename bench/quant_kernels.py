@@ -1,0 +1,112 @@
+"""Time of one weight-matrix product per candidate kernel, at the full-size MiniCPM-2B shapes.
+
+The decode step is a handful of products of a few rows by every weight matrix, so the kernel
+chosen for each weight format decides the step's speed. This times, on the same random matrix:
+
+* f32 dense:        x @ W.t(), PyTorch's default CPU product (MKL), float32
+* f32 packed:       oneDNN on a weight re-packed once (packed.py; today's float32 path)
+* bf16 dense:       the same with bfloat16 weights and activations
+* bf16 packed:      oneDNN's packed product on bfloat16 weights
+* int8 pack_mm/f32: torch.ops.aten._weight_int8pack_mm, int8 weights with per-output-channel
+                    scales, float32 activations
+* int8 pack_mm/bf16: the same kernel with bfloat16 activations
+* int8 dequant:     int8 weights widened to float32 before the product (what a kernel-less
+                    fallback would cost)
+
+    python -m bench.quant_kernels                    # rows 1,16; every full-size matrix
+    python -m bench.quant_kernels --rows 1,4,16 --shapes qkv,head --repeats 20
+
+Shapes are [in -> out] as the lean decoder multiplies them (q/k/v fused, gate/up fused).
+Kernels alternate within each round, so machine noise hits them alike; medians of rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+SHAPES = {  # name: (in_features, out_features) at MiniCPM-2B's size
+    "qkv": (2304, 3 * 2304),
+    "o": (2304, 2304),
+    "gate_up": (2304, 2 * 5760),
+    "down": (5760, 2304),
+    "head": (2304, 122753),
+}
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 quantization (the same rule as packed.quantize_int8)."""
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def kernels_for(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, Kernel]]:
+    """Each candidate: the activation dtype it takes and the product as a function of x."""
+    mkldnn = torch.ops.mkldnn
+    packed32 = mkldnn._reorder_linear_weight(weight, 16)
+    w16 = weight.to(torch.bfloat16)
+    q, scales = int8_weights(weight)
+    scales16 = scales.to(torch.bfloat16)
+    kernels: dict[str, tuple[torch.dtype, Kernel]] = {
+        "f32 dense": (torch.float32, lambda x: x @ weight.t()),
+        "f32 packed": (torch.float32, lambda x: mkldnn._linear_pointwise(x, packed32, None, "none", [], "")),
+        "bf16 dense": (torch.bfloat16, lambda x: x @ w16.t()),
+    }
+    try:  # oneDNN packs bfloat16 only on CPUs with AVX512-BF16-class conversions
+        packed16 = mkldnn._reorder_linear_weight(w16, 16)
+        kernels["bf16 packed"] = (torch.bfloat16, lambda x: mkldnn._linear_pointwise(x, packed16, None, "none", [], ""))
+    except RuntimeError as exc:
+        print(f"bf16 packed: unavailable here ({str(exc).splitlines()[0]})")
+    return kernels | {
+        "int8 pack_mm/f32": (torch.float32, lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales)),
+        "int8 pack_mm/bf16": (torch.bfloat16, lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales16)),
+        "int8 dequant": (torch.float32, lambda x: x @ (q.float() * scales[:, None]).t()),
+    }
+
+
+def time_once(kernel: Kernel, x: torch.Tensor, repeats: int) -> float:
+    kernel(x)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        kernel(x)
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,16")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--kernels", default="", help="comma-separated subset of the kernel names")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    for name in args.shapes.split(","):
+        fan_in, fan_out = SHAPES[name]
+        weight = torch.randn(fan_out, fan_in) * 0.02
+        kernels = kernels_for(weight)
+        if args.kernels:
+            kernels = {k: v for k, v in kernels.items() if k in args.kernels.split(",")}
+        for m in rows:
+            times: dict[str, list[float]] = {k: [] for k in kernels}
+            for _ in range(args.rounds):
+                for kernel_name, (dtype, kernel) in kernels.items():
+                    x = torch.randn(m, fan_in).to(dtype)
+                    times[kernel_name].append(time_once(kernel, x, args.repeats))
+            base = statistics.median(times["f32 packed"]) if "f32 packed" in times else None
+            for kernel_name, samples in times.items():
+                ms = statistics.median(samples) * 1e3
+                ratio = f"{base * 1e3 / ms:5.2f}x f32 packed" if base else ""
+                print(f"{name:8s} {fan_in}->{fan_out:<7d} rows {m:3d}  {kernel_name:18s} {ms:8.3f} ms  {ratio}")
+        del weight, kernels
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Weight-only int8 for the native engine (`--quantization int8`): quantized as the model loads.
+
+Each weight matrix W [out, in] becomes int8 values Q and one scale per output channel s, with
+W ~= Q * s[:, None] (symmetric, s = max|W[row]| / 127). Activations, norms, attention and the
+KV cache stay in the model's dtype; only the weights shrink (4x against float32), which is what
+a decode step is bound by: every step reads every weight once.
+
+The product is PyTorch's own weight-only int8 kernel, `torch.ops.aten._weight_int8pack_mm`
+(x [m, in] times Q [out, in], then per-channel scales; CPU and CUDA kernels in the same build).
+`python -m bench.quant_kernels` chose it: on this 2-core AVX2 CPU, at the full-size shapes, it
+took 0.37-0.47x the time of the float32 oneDNN product at one row, and about the same at 16
+rows, when fed bfloat16 activations. Fed float32 activations the same kernel was 2-20x slower
+(no vectorized path for them here), so the activations go in as bfloat16 and the result comes
+back in the model's dtype. The kernel wants its scales in the activations' dtype: the scales are
+rounded to bfloat16 *before* the weights are divided by them, so that rounding moves the grid,
+not the values (no systematic per-channel error).
+
+MiniCPM ties the output head to the embedding table. Quantized, both read one int8 table: the
+head as a product, the embedding as a row lookup times that row's scale. So the full-size model
+holds 2.7 GB of weights instead of 10.9 GB (float32) and needs no dense copy of the table.
+
+`quantize_linear` converts one layer, so a loader that streams layers can quantize each as it
+arrives; `quantize_model` walks a loaded model.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("minicpm_server.engine.native.quantized")
+
+FORMATS = ("int8",)
+# The int8 kernel's fast paths take 16-bit activations (see the module docstring).
+ACTIVATION_DTYPE = torch.bfloat16
+# Names of the linear layers in each decoder layer that are quantized (all of them).
+LAYER_LINEARS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def activation_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """float16 models keep float16 (the kernel takes it too); everything else goes in as bfloat16."""
+    return torch.float16 if model_dtype == torch.float16 else ACTIVATION_DTYPE
+
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (Q [out, in] int8, scales [out] in `scale_dtype`)."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1).clamp(min=1e-10) / 127.0).to(scale_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+class Int8Linear(torch.nn.Module):
+    """A bias-free linear layer over int8 weights and per-channel scales."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, output_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.output_dtype = output_dtype  # what the model computes in (the layer's input dtype)
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
+        if linear.bias is not None:
+            raise ValueError("int8 quantization here is for bias-free linear layers (MiniCPM has no biases)")
+        dtype = linear.weight.dtype
+        qweight, scales = quantize_int8(linear.weight, activation_dtype(dtype))
+        return cls(qweight, scales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """W as the kernel sees it, in float32 (tests and accuracy checks)."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+
+class Int8Embedding(torch.nn.Module):
+    """Row lookups from the int8 table the output head multiplies by (MiniCPM ties the two)."""
+
+    def __init__(self, table: Int8Linear) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.table.qweight).to(self.table.output_dtype)
+        return rows * self.table.scales[ids].to(self.table.output_dtype).unsqueeze(-1)
+
+
+def fuse(parts: list[Int8Linear]) -> Int8Linear:
+    """One Int8Linear whose outputs are the parts' side by side (q/k/v, gate/up: one product per
+    step). Each part's buffers become row slices of the fused ones, so no weight is held twice and
+    transformers' forward (prefill) still calls each part."""
+    if len(parts) == 1:
+        return parts[0]
+    fused = Int8Linear(
+        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), parts[0].output_dtype
+    )
+    start = 0
+    for part in parts:
+        rows = part.out_features
+        part.qweight = fused.qweight[start : start + rows]
+        part.scales = fused.scales[start : start + rows]
+        start += rows
+    return fused
+
+
+def quantize_linear(linear: torch.nn.Module, fmt: str = "int8") -> torch.nn.Module:
+    """One layer in `fmt` (see FORMATS); an already quantized layer is returned as it is."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}")
+    if isinstance(linear, Int8Linear):
+        return linear
+    return Int8Linear.from_linear(linear)
+
+
+def quantize_decoder_layer(layer: Any, fmt: str = "int8") -> None:
+    """Replace the linear layers of one decoder layer in place (what a streaming loader calls)."""
+    for block_name, names in LAYER_LINEARS.items():
+        block = getattr(layer, block_name)
+        for name in names:
+            setattr(block, name, quantize_linear(getattr(block, name), fmt))
+
+
+def quantize_model(model: Any, fmt: str = "int8") -> None:
+    """Quantize a loaded Granite/MiniCPM model in place, layer by layer (each layer's dense
+    weights are freed before the next is converted), then the output head and, when tied to it,
+    the embedding table."""
+    inner = model.model
+    for layer in inner.layers:
+        quantize_decoder_layer(layer, fmt)
+    tied = model.lm_head.weight is inner.embed_tokens.weight if isinstance(model.lm_head, torch.nn.Linear) else False
+    head = quantize_linear(model.lm_head, fmt)
+    model.lm_head = head
+    if tied:
+        inner.embed_tokens = Int8Embedding(head)
+    gc.collect()
+    log.info("weights quantized to %s (per-channel scales; %.2f GB of weights now)", fmt, weight_bytes(model) / 1e9)
+
+
+def is_quantized(model: Any) -> bool:
+    return isinstance(model.lm_head, Int8Linear) or isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of every parameter and buffer (a tied table counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total

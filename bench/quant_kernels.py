@@ -87,7 +87,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = [int(r) for r in args.rows.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     for name in args.shapes.split(","):
         fan_in, fan_out = SHAPES[name]
         weight = torch.randn(fan_out, fan_in) * 0.02

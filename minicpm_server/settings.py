@@ -129,8 +129,13 @@ class Settings(BaseSettings):
             "bucket, logged; eager if compiling fails. Off by default: on a 2-core CPU compiling takes minutes.",
         ),
     )
-    quantization: Literal["fp8"] | None = Field(
-        None, description=_env("quantization", "vllm: 'fp8' quantizes the weights at load (Ada/Hopper GPUs).")
+    quantization: Literal["none", "int8", "fp8"] | None = Field(
+        None,
+        description=_env(
+            "quantization",
+            "Quantize the weights as they load. native: 'int8' (weight-only, per-channel scales; CPU and CUDA). "
+            "vllm: 'fp8' (Ada/Hopper GPUs). none: the --dtype weights.",
+        ),
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description=_env("log_level", "Log level."))
 

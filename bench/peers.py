@@ -224,12 +224,14 @@ def llama_source() -> Path:
     return found[-1]
 
 
-def gguf_for(model: Path) -> Path:
-    """The checkpoint as an F32 GGUF, converted once (again when the checkpoint's files change)."""
+def gguf_for(model: Path, outtype: str = "f32") -> Path:
+    """The checkpoint as a GGUF (`outtype`: f32, bf16 or q8_0, llama.cpp's converter's own
+    --outtype; q8_0 quantizes in the converter), converted once (again when the checkpoint's
+    files change)."""
     from minicpm_server.model.checkpoint import inspect_checkpoint
     from minicpm_server.model.export import source_stamp
 
-    out = PEERS_DIR / "gguf" / f"{model.name}-f32.gguf"
+    out = PEERS_DIR / "gguf" / f"{model.name}-{outtype}.gguf"
     stamp_file = out.with_suffix(".json")
     stamp = source_stamp(inspect_checkpoint(model))
     if out.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
@@ -251,7 +253,7 @@ def gguf_for(model: Path) -> Path:
         script = llama_source() / "convert_hf_to_gguf.py"
         start = time.perf_counter()
         done = subprocess.run(
-            [str(CONVERT_PYTHON), str(script), str(copy), "--outtype", "f32", "--outfile", str(partial)],
+            [str(CONVERT_PYTHON), str(script), str(copy), "--outtype", outtype, "--outfile", str(partial)],
             capture_output=True,
             text=True,
         )

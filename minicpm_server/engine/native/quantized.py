@@ -132,18 +132,20 @@ def quantize_decoder_layer(layer: Any, fmt: str = "int8") -> None:
             setattr(block, name, quantize_linear(getattr(block, name), fmt))
 
 
-def quantize_model(model: Any, fmt: str = "int8") -> None:
+def quantize_model(model: Any, fmt: str = "int8", *, head: bool = True) -> None:
     """Quantize a loaded Granite/MiniCPM model in place, layer by layer (each layer's dense
-    weights are freed before the next is converted), then the output head and, when tied to it,
-    the embedding table."""
+    weights are freed before the next is converted), then (`head`) the output head and, when
+    tied to it, the embedding table. `head=False` keeps them dense (bench/accuracy.py measures
+    what quantizing them costs)."""
     inner = model.model
     for layer in inner.layers:
         quantize_decoder_layer(layer, fmt)
-    tied = model.lm_head.weight is inner.embed_tokens.weight if isinstance(model.lm_head, torch.nn.Linear) else False
-    head = quantize_linear(model.lm_head, fmt)
-    model.lm_head = head
-    if tied:
-        inner.embed_tokens = Int8Embedding(head)
+    if head:
+        tied = isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is inner.embed_tokens.weight
+        table = quantize_linear(model.lm_head, fmt)
+        model.lm_head = table
+        if tied:
+            inner.embed_tokens = Int8Embedding(table)
     gc.collect()
     log.info("weights quantized to %s (per-channel scales; %.2f GB of weights now)", fmt, weight_bytes(model) / 1e9)
 

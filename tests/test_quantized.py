@@ -32,10 +32,12 @@ from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.engine.native.quantized import (
     Int8Embedding,
     Int8Linear,
+    packed_int8_product,
     quantize_int8,
     quantize_linear,
     quantize_model,
     weight_bytes,
+    widening_product,
 )
 from minicpm_server.exceptions import StartupError
 from minicpm_server.model.checkpoint import load_checkpoint
@@ -74,6 +76,17 @@ def test_int8_product_is_the_dequantized_product_up_to_bfloat16_rounding() -> No
     expected = x.to(torch.bfloat16).double() @ layer.dequantized().double().t()
     # the output's own rounding (2^-8 of it) plus float32 accumulation of 96 terms
     assert torch.allclose(got.double(), expected, rtol=BF16_STEP, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_cuda_formulation_computes_the_cpu_kernels_product() -> None:
+    """The CUDA path's product (widening_product) runs on CPU too: it must agree with the kernel
+    up to the two ways of rounding to bfloat16 (a GPU is not lent here; the math is what we check)."""
+    generator = torch.Generator().manual_seed(2)
+    q, scales = quantize_int8(torch.randn(48, 64, generator=generator), torch.bfloat16)
+    x = torch.randn(5, 64, generator=generator).to(torch.bfloat16)
+    kernel, widened = packed_int8_product(x, q, scales).float(), widening_product(x, q, scales).float()
+    # each rounds its output to bfloat16 (2^-8 of it); the widened one also rounds before the scale
+    assert torch.allclose(widened, kernel, rtol=3 * BF16_STEP, atol=1e-3 * float(kernel.abs().max()))
 
 
 def test_biased_layers_are_refused() -> None:

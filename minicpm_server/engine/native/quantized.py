@@ -5,15 +5,20 @@ W ~= Q * s[:, None] (symmetric, s = max|W[row]| / 127). Activations, norms, atte
 KV cache stay in the model's dtype; only the weights shrink (4x against float32), which is what
 a decode step is bound by: every step reads every weight once.
 
-The product is PyTorch's own weight-only int8 kernel, `torch.ops.aten._weight_int8pack_mm`
-(x [m, in] times Q [out, in], then per-channel scales; CPU and CUDA kernels in the same build).
-`python -m bench.quant_kernels` chose it: on this 2-core AVX2 CPU, at the full-size shapes, it
-took 0.37-0.47x the time of the float32 oneDNN product at one row, and about the same at 16
-rows, when fed bfloat16 activations. Fed float32 activations the same kernel was 2-20x slower
-(no vectorized path for them here), so the activations go in as bfloat16 and the result comes
-back in the model's dtype. The kernel wants its scales in the activations' dtype: the scales are
-rounded to bfloat16 *before* the weights are divided by them, so that rounding moves the grid,
-not the values (no systematic per-channel error).
+On CPU the product is PyTorch's own weight-only int8 kernel, `torch.ops.aten._weight_int8pack_mm`
+(x [m, in] times Q [out, in], then per-channel scales). `python -m bench.quant_kernels` chose it:
+on this 2-core AVX2 CPU, at the full-size shapes, it took 0.37-0.47x the time of the float32
+oneDNN product at one row, and about the same at 16 rows, when fed bfloat16 activations. Fed
+float32 activations the same kernel was 2-20x slower (no vectorized path for them here), so the
+activations go in as bfloat16 and the result comes back in the model's dtype. The kernel wants
+its scales in the activations' dtype: the scales are rounded to bfloat16 *before* the weights
+are divided by them, so that rounding moves the grid, not the values (no systematic error).
+
+On CUDA the same operator exists but is a plain loop (one thread per output element, reading
+its weight row alone, in float32), so there the product is written as `linear(x, Q.to(dtype)) *
+s`: eager it widens each matrix for its product (weights held in a quarter of float32's memory,
+not faster than bf16), and under `--compile` inductor fuses the widening into the product, which
+is how gpt-fast runs int8 weights on GPUs. Not yet measured on a GPU here.
 
 MiniCPM ties the output head to the embedding table. Quantized, both read one int8 table: the
 head as a product, the embedding as a row lookup times that row's scale. So the full-size model
@@ -77,12 +82,23 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
+        product = widening_product if self.qweight.is_cuda else packed_int8_product
+        y = product(flat, self.qweight, self.scales)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         """W as the kernel sees it, in float32 (tests and accuracy checks)."""
         return self.qweight.float() * self.scales.float()[:, None]
+
+
+def packed_int8_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """PyTorch's weight-only int8 kernel (the CPU path)."""
+    return torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
+
+
+def widening_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The same product written for the compiler to fuse (the CUDA path; see the module docstring)."""
+    return F.linear(x, qweight.to(x.dtype)) * scales
 
 
 class Int8Embedding(torch.nn.Module):

@@ -12,6 +12,10 @@ chosen for each weight format decides the step's speed. This times, on the same 
 * int8 pack_mm/bf16: the same kernel with bfloat16 activations
 * int8 dequant:     int8 weights widened to float32 before the product (what a kernel-less
                     fallback would cost)
+* int4 g128:        torch.ops.aten._weight_int4pack_mm_for_cpu, 4-bit weights with a scale and
+                    offset per 128 inputs of each output (the asymmetric group-wise layout of
+                    gpt-fast and torchao's int4 weight-only), bfloat16 activations: is 4-bit
+                    worth building next?
 
     python -m bench.quant_kernels                    # rows 1,16; every full-size matrix
     python -m bench.quant_kernels --rows 1,4,16 --shapes qkv,head --repeats 20
@@ -45,6 +49,21 @@ def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
+def int4_weights(weight: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of `group` inputs: (the kernel's packed weight, its
+    [in/group, out, 2] scales and offsets), so that W ~= q * scale + minimum."""
+    out_features, in_features = weight.shape
+    grouped = weight.reshape(out_features, in_features // group, group)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    scale = (high - low).clamp(min=1e-10) / 15
+    q = torch.round((grouped - low) / scale).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    # the kernel computes (q - 8) * scale + offset: the offset is the minimum plus eight steps
+    offsets = low + 8 * scale
+    scales_and_offsets = torch.stack([scale.squeeze(-1).t(), offsets.squeeze(-1).t()], dim=-1)
+    return packed, scales_and_offsets.to(torch.bfloat16).contiguous()
+
+
 def kernels_for(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, Kernel]]:
     """Each candidate: the activation dtype it takes and the product as a function of x."""
     mkldnn = torch.ops.mkldnn
@@ -52,6 +71,7 @@ def kernels_for(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, Kernel]]:
     w16 = weight.to(torch.bfloat16)
     q, scales = int8_weights(weight)
     scales16 = scales.to(torch.bfloat16)
+    q4, scales4 = int4_weights(weight)
     kernels: dict[str, tuple[torch.dtype, Kernel]] = {
         "f32 dense": (torch.float32, lambda x: x @ weight.t()),
         "f32 packed": (torch.float32, lambda x: mkldnn._linear_pointwise(x, packed32, None, "none", [], "")),
@@ -66,6 +86,7 @@ def kernels_for(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, Kernel]]:
         "int8 pack_mm/f32": (torch.float32, lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales)),
         "int8 pack_mm/bf16": (torch.bfloat16, lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales16)),
         "int8 dequant": (torch.float32, lambda x: x @ (q.float() * scales[:, None]).t()),
+        "int4 g128": (torch.bfloat16, lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4, 128, scales4)),
     }
 
 

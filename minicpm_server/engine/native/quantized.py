@@ -30,6 +30,9 @@ arrives; `quantize_model` walks a loaded model.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import gc
 import logging
 from typing import Any
@@ -162,12 +165,35 @@ def quantize_model(model: Any, fmt: str = "int8", *, head: bool = True) -> None:
         model.lm_head = table
         if tied:
             inner.embed_tokens = Int8Embedding(table)
+    own_remaining_tensors(model)
     gc.collect()
+    return_freed_memory()
     log.info("weights quantized to %s (per-channel scales; %.2f GB of weights now)", fmt, weight_bytes(model) / 1e9)
 
 
-def is_quantized(model: Any) -> bool:
-    return isinstance(model.lm_head, Int8Linear) or isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
+def own_remaining_tensors(model: Any) -> None:
+    """Copy the tensors quantization left as loaded (norms, rotary tables) into memory of their own.
+
+    transformers maps a float32 checkpoint file into memory and its tensors point into that
+    mapping; as long as one of them (a 2304-float norm weight) is alive, the whole file stays
+    mapped and its pages, all read once by quantizing, count in the process's memory (seen: 16 GB
+    resident for the full-size model, whose int8 weights take 2.7 GB)."""
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            continue
+        for param in module._parameters.values():
+            if param is not None:
+                param.data = param.data.clone()
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system (the quantizing temporaries of the
+    smaller matrices land on its heap, which it otherwise keeps). No-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def weight_bytes(model: Any) -> int:

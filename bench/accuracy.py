@@ -3,6 +3,7 @@
     python -m bench.accuracy                       # medium checkpoint; ours: float32, bf16, int8, int8-dense-head
     python -m bench.accuracy --llama               # and llama-server on F32, BF16 and Q8_0 GGUFs of it
     python -m bench.accuracy --model-path DIR --variants float32,int8
+    python -m bench.accuracy --variants float32,int8,int8-g32,int4-g128,int4-g32   # is 4-bit worth it? (simulated)
 
 The contexts are tests/data/accuracy_contexts.txt, tokenized by the checkpoint's tokenizer (BOS
 first), cut to `--max-tokens`; next-token distributions are taken after every `--every`-th token
@@ -55,6 +56,11 @@ OURS = {  # variant: (dtype, quantization, quantize the output head)
     "int8": ("float32", "int8", True),
     "int8-dense-head": ("float32", "int8", False),
 }
+# Formats no kernel of ours runs yet, simulated: each weight matrix (head and embedding included)
+# replaced by its rounded values, computed in float32. (bits, group of inputs sharing a scale,
+# symmetric): "int8-g32" is Q8_0's rounding; "int4-g128" the group-wise 4-bit layout of
+# PyTorch's int4 kernel (bench/quant_kernels.py); "int4-g32" Q4_0's block size.
+SIMULATED = {"int8-g32": (8, 32, True), "int4-g128": (4, 128, False), "int4-g32": (4, 32, True)}
 LLAMA = {"F32": "f32", "BF16": "bf16", "Q8_0": "q8_0"}  # variant: convert_hf_to_gguf.py --outtype
 
 
@@ -84,10 +90,33 @@ def by_context(points: list[Position]) -> Iterator[tuple[list[int], list[int]]]:
         yield list(context), indexes
 
 
+def fake_quantized(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    """`weight` rounded to `bits` with one scale (and, asymmetric, one offset) per `group` inputs."""
+    rows, columns = weight.shape
+    grouped = weight.float().reshape(rows, columns // group, group)
+    if symmetric:
+        top = 2 ** (bits - 1) - 1
+        scale = grouped.abs().amax(-1, keepdim=True).clamp(min=1e-10) / top
+        return (torch.round(grouped / scale).clamp(-top, top) * scale).reshape(rows, columns)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    scale = (high - low).clamp(min=1e-10) / (2**bits - 1)
+    return (torch.round((grouped - low) / scale).clamp(0, 2**bits - 1) * scale + low).reshape(rows, columns)
+
+
+def simulate(model, variant: str) -> None:
+    bits, group, symmetric = SIMULATED[variant]
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):  # the tied head is the embedding table too
+                module.weight.copy_(fake_quantized(module.weight, bits, group, symmetric))
+
+
 def ours(model_path: Path, variant: str, points: list[Position]) -> torch.Tensor:
     """Log-probabilities [positions, vocab] (float64) from our model in `variant`."""
-    dtype, method, head = OURS[variant]
+    dtype, method, head = OURS.get(variant, ("float32", None, False))
     model = load_checkpoint(model_path, device="cpu", dtype=dtype).model
+    if variant in SIMULATED:
+        simulate(model, variant)
     if method:
         quantize_model(model, method, head=head)
     out = torch.empty(len(points), model.config.vocab_size, dtype=torch.float64)
@@ -149,7 +178,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="medium")
     parser.add_argument("--model-path", type=Path, help="an existing checkpoint instead of a built one")
-    parser.add_argument("--variants", default=",".join(OURS), help=f"ours, from {','.join(OURS)}")
+    parser.add_argument(
+        "--variants",
+        default=",".join(OURS),
+        help=f"ours, from {','.join([*OURS, *SIMULATED])} (simulated: see SIMULATED)",
+    )
     parser.add_argument("--llama", action="store_true", help="also llama-server on F32, BF16 and Q8_0 GGUFs")
     parser.add_argument("--first", type=int, default=4)
     parser.add_argument("--every", type=int, default=3)

@@ -64,30 +64,54 @@ def int4_weights(weight: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, 
     return packed, scales_and_offsets.to(torch.bfloat16).contiguous()
 
 
-def kernels_for(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, Kernel]]:
-    """Each candidate: the activation dtype it takes and the product as a function of x."""
-    mkldnn = torch.ops.mkldnn
-    packed32 = mkldnn._reorder_linear_weight(weight, 16)
-    w16 = weight.to(torch.bfloat16)
+def _onednn(weight: torch.Tensor) -> Kernel:
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)  # bf16: refused on CPUs without AVX512-BF16 class
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _dense(weight: torch.Tensor) -> Kernel:
+    return lambda x: x @ weight.t()
+
+
+def _int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> Kernel:
     q, scales = int8_weights(weight)
-    scales16 = scales.to(torch.bfloat16)
+    scales = scales.to(scale_dtype)
+    return lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales)
+
+
+def _int8_widened(weight: torch.Tensor) -> Kernel:
+    q, scales = int8_weights(weight)
+    return lambda x: x @ (q.float() * scales[:, None]).t()
+
+
+def _int4(weight: torch.Tensor) -> Kernel:
     q4, scales4 = int4_weights(weight)
-    kernels: dict[str, tuple[torch.dtype, Kernel]] = {
-        "f32 dense": (torch.float32, lambda x: x @ weight.t()),
-        "f32 packed": (torch.float32, lambda x: mkldnn._linear_pointwise(x, packed32, None, "none", [], "")),
-        "bf16 dense": (torch.bfloat16, lambda x: x @ w16.t()),
-    }
-    try:  # oneDNN packs bfloat16 only on CPUs with AVX512-BF16-class conversions
-        packed16 = mkldnn._reorder_linear_weight(w16, 16)
-        kernels["bf16 packed"] = (torch.bfloat16, lambda x: mkldnn._linear_pointwise(x, packed16, None, "none", [], ""))
-    except RuntimeError as exc:
-        print(f"bf16 packed: unavailable here ({str(exc).splitlines()[0]})")
-    return kernels | {
-        "int8 pack_mm/f32": (torch.float32, lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales)),
-        "int8 pack_mm/bf16": (torch.bfloat16, lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales16)),
-        "int8 dequant": (torch.float32, lambda x: x @ (q.float() * scales[:, None]).t()),
-        "int4 g128": (torch.bfloat16, lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4, 128, scales4)),
-    }
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4, 128, scales4)
+
+
+# name: (activation dtype, weight -> product as a function of x); built only when asked for
+KERNELS: dict[str, tuple[torch.dtype, Callable[[torch.Tensor], Kernel]]] = {
+    "f32 dense": (torch.float32, _dense),
+    "f32 packed": (torch.float32, _onednn),
+    "bf16 dense": (torch.bfloat16, lambda w: _dense(w.to(torch.bfloat16))),
+    "bf16 packed": (torch.bfloat16, lambda w: _onednn(w.to(torch.bfloat16))),
+    "int8 pack_mm/f32": (torch.float32, lambda w: _int8(w, torch.float32)),
+    "int8 pack_mm/bf16": (torch.bfloat16, lambda w: _int8(w, torch.bfloat16)),
+    "int8 dequant": (torch.float32, _int8_widened),
+    "int4 g128": (torch.bfloat16, _int4),
+}
+
+
+def kernels_for(weight: torch.Tensor, names: list[str]) -> dict[str, tuple[torch.dtype, Kernel]]:
+    """The asked-for candidates that this CPU runs: activation dtype and product."""
+    kernels = {}
+    for name in names:
+        dtype, build = KERNELS[name]
+        try:
+            kernels[name] = (dtype, build(weight))
+        except RuntimeError as exc:
+            print(f"{name}: unavailable here ({str(exc).splitlines()[0]})")
+    return kernels
 
 
 def time_once(kernel: Kernel, x: torch.Tensor, repeats: int) -> float:
@@ -102,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,16")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--kernels", default="", help="comma-separated subset of the kernel names")
+    parser.add_argument("--kernels", default="", help=f"comma-separated subset of {','.join(KERNELS)}")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -114,9 +138,7 @@ def main() -> None:
     for name in args.shapes.split(","):
         fan_in, fan_out = SHAPES[name]
         weight = torch.randn(fan_out, fan_in) * 0.02
-        kernels = kernels_for(weight)
-        if args.kernels:
-            kernels = {k: v for k, v in kernels.items() if k in args.kernels.split(",")}
+        kernels = kernels_for(weight, args.kernels.split(",") if args.kernels else list(KERNELS))
         for m in rows:
             times: dict[str, list[float]] = {k: [] for k in kernels}
             for _ in range(args.rounds):

@@ -16,6 +16,9 @@ row of the 8-layer benchmark model, 1.8x at 16-32 rows, and 1.9x at one row of t
   (q/k/v, gate/up, the output head) are stored input-major: for one row, MKL's product with
   the usual [out, in] layout ran 1.4-4x slower than with [in, out] here (the output head
   most), and at 16 or more rows the two were equal;
+* with `--quantization int8` the layers are Int8Linear (quantized.py), fused the same way (q/k/v
+  and gate/up each one int8 matrix, the modules' buffers views into it), and the embedding rows
+  come from the output head's int8 table;
 * rotary cos/sin come from a table computed once for every position, by the same formula as
   transformers' rotary embedding;
 * keys and values go into the paged pool directly and come out of it by whole blocks (one

@@ -6,6 +6,7 @@ compiled step ("compiled", --compile).
     python -m bench.decode_step                  # the `deep` checkpoint: 40 layers (MiniCPM-2B's depth), tiny width
     python -m bench.decode_step --size medium --batches 1,16,32
     python -m bench.decode_step --no-compile     # skip the compiled step (compiling takes minutes here)
+    python -m bench.decode_step --size medium --no-compile --int8   # and the lean step on int8 weights
 
 For each batch size, rows with `--context` tokens already in the cache take `--steps` decode
 steps; the first compiled steps of each shape (compilation) are timed apart and left out.
@@ -27,6 +28,7 @@ from minicpm_server.engine.native.blocks import BlockPool, blocks_for
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.packed import packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
+from minicpm_server.engine.native.quantized import quantize_model
 from minicpm_server.engine.native.runner import DecodeForward
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.tiny import cached_tiny_checkpoint
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled step")
+    parser.add_argument("--int8", action="store_true", help="also the lean step on int8 weights (quantized.py)")
     args = parser.parse_args()
     cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minicpm-server"
     checkpoint = cached_tiny_checkpoint(cache_root, args.size)
@@ -50,6 +53,8 @@ def main() -> None:
     kinds: dict[str, dict] = {"transformers": {"lean": False}, "lean": {"lean": True, "pack_weights": False}}
     if packing_available():
         kinds["lean+packed"] = {"lean": True, "pack_weights": True}
+    if args.int8:
+        kinds["lean+int8"] = {"lean": True}
     if not args.no_compile:
         kinds["compiled"] = {"compile": True}
     shape = KvShape.of(model)
@@ -66,7 +71,7 @@ def main() -> None:
         # Each lean or compiled step its own copy of the model: the lean step re-lays out (and may
         # pack) the layers of the model it runs; transformers' forward leaves its copy as loaded.
         name: DecodeForward(
-            model if name == "transformers" else load_checkpoint(checkpoint, device=args.device, dtype="auto").model,
+            model if name == "transformers" else model_copy(checkpoint, args.device, int8=name == "lean+int8"),
             cache,
             block_size=block,
             scratch_slot=blocks * block,
@@ -83,6 +88,13 @@ def main() -> None:
     with torch.inference_mode():
         for rows in batches:
             time_steps(runners, pool, rows, args, tokens_per_row, blocks_for(window, block), model.device)
+
+
+def model_copy(checkpoint: Path, device: str, *, int8: bool):
+    model = load_checkpoint(checkpoint, device=device, dtype="auto").model
+    if int8:
+        quantize_model(model, "int8")
+    return model
 
 
 def time_steps(runners: dict, pool: BlockPool, rows: int, args, tokens_per_row: int, width: int, device) -> None:

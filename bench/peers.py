@@ -7,6 +7,17 @@
     python -m bench.peers --peers ours,ours-mixed,vllm --modes unique --concurrency 16,32   # unique prompts only
     python -m bench.peers --json out.json      # also keep every round's numbers (written as they come);
     python -m bench.peers --from-json out.json # ... and print their table again (e.g. of a stopped run)
+    python -m bench.peers --precision int8     # ours --quantization int8 against llama-server on a Q8_0 GGUF
+    python -m bench.peers --model-path ~/.cache/minicpm-server/minicpm-full-seed0-real-tokenizer \
+        --precision int8 --peers ours,llama --concurrency 1,4,16 --new-tokens 16 --quick --modes fixed --no-ttft
+                                               # the full-size shape (under `flock /tmp/fullsize.lock`)
+
+Precision (`--precision`), like for like: `f32` (default) ours in float32 against an F32 GGUF;
+`bf16` ours with `--dtype bfloat16` against a BF16 GGUF (KV caches in bf16 on both sides);
+`int8` ours with `--quantization int8` (weight-only, per-channel) against a Q8_0 GGUF (blocks
+of 32 weights with their own scale), KV caches in float32 on both sides. The GGUFs come from
+llama.cpp's converter with the matching --outtype. vLLM runs in float32 only (it is left out
+of bf16 and int8 runs).
 
 The first run builds llama-server and a venv for llama.cpp's GGUF converter under
 ~/.cache/minicpm-server/peers/ (`bash bench/build_llama_server.sh`, run for you when they are
@@ -174,8 +185,17 @@ class Server:
         }
 
 
-def our_server(name: str, python: str, engine: str, model: Path, port: int) -> Server:
+# --precision: (ours' extra flags, the GGUF's --outtype, llama-server's KV cache type)
+PRECISIONS = {
+    "f32": ([], "f32", "f32"),
+    "bf16": (["--dtype", "bfloat16"], "bf16", "bf16"),
+    "int8": (["--quantization", "int8"], "q8_0", "f32"),
+}
+
+
+def our_server(name: str, python: str, engine: str, model: Path, port: int, precision: str = "f32") -> Server:
     argv = [python, "api.py", "--model-path", str(model), "--engine", engine, "--device", "cpu"]
+    argv += PRECISIONS[precision][0]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     env = {}
     if engine == "vllm":
@@ -200,12 +220,12 @@ def vllm_server(name: str, venv: Path, granite_dir: Path, window: int, port: int
     return Server(name, argv, "ids", body, dict(VLLM_CPU_ENV))
 
 
-def llama_server(name: str, gguf: Path, slots: int, per_slot: int, port: int) -> Server:
+def llama_server(name: str, gguf: Path, slots: int, per_slot: int, port: int, kv_type: str = "f32") -> Server:
     argv = [str(LLAMA_SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     argv += ["-np", str(slots), "-c", str(slots * per_slot), "--no-webui"]
     threads = "1" if name == "llama-1t" else "2"
     argv += ["-t", threads, "-tb", threads]
-    argv += ["-ctk", "f32", "-ctv", "f32", "--log-disable"]
+    argv += ["-ctk", kv_type, "-ctv", kv_type, "--log-disable"]
     # llama.cpp's defaults add min_p 0.05 and count repeats over the last 64 tokens only; a slot's
     # whole context is the whole context (-1 for "all" is refused by this endpoint).
     body = {"repeat_penalty": DEFAULT_REPETITION_PENALTY, "repeat_last_n": per_slot, "min_p": 0.0}
@@ -231,8 +251,9 @@ def llama_source() -> Path:
 
 
 def gguf_for(model: Path, outtype: str = "f32") -> Path:
-    """The checkpoint as a GGUF of `outtype` (f32, bf16, ...), converted once (again when the
-    checkpoint's files change)."""
+    """The checkpoint as a GGUF (`outtype`: f32, bf16 or q8_0, llama.cpp's converter's own
+    --outtype; q8_0 quantizes in the converter), converted once (again when the checkpoint's
+    files change)."""
     from minicpm_server.model.checkpoint import inspect_checkpoint
     from minicpm_server.model.export import source_stamp
 
@@ -439,7 +460,7 @@ def measure(server: Server, url: str, tokenizer, args, pid: int) -> dict[str, fl
                     f"  median latency {statistics.median(result.latencies):.2f} s",
                     flush=True,
                 )
-        for mode in args.modes:
+        for mode in () if args.no_ttft else args.modes:
             prompts = Prompts(tokenizer, mode)
             samples = []
             with BusyClients(url, TTFT_CLIENTS, args.new_tokens, completion_sender(server, prompts)):
@@ -462,11 +483,12 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
     """name -> (port -> Server); the peers' files are prepared here, before any timing."""
     makers: dict[str, Callable[[int], Server]] = {}
     venv_python = str(args.vllm_venv / "bin" / "python")
+    _, outtype, kv_type = PRECISIONS[args.precision]
     for name in args.peers:
-        if name == "ours":
-            makers[name] = functools.partial(our_server, "ours", args.ours_python, args.ours_engine, model)
-        elif name in ("ours-1t", "ours-mixed"):
-            makers[name] = functools.partial(our_server, name, args.ours_python, args.ours_engine, model)
+        if name in ("ours", "ours-1t", "ours-mixed"):
+            makers[name] = functools.partial(
+                our_server, name, args.ours_python, args.ours_engine, model, precision=args.precision
+            )
         elif name == "ours+vllm":
             makers[name] = functools.partial(our_server, "ours+vllm", venv_python, "vllm", model)
         elif name in ("vllm", "vllm-ids"):
@@ -474,7 +496,9 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
         elif name in ("llama", "llama-1t"):
             ensure_llama_built()
             slots = max([*args.concurrency, TTFT_CLIENTS + 1])
-            makers[name] = functools.partial(llama_server, name, gguf_for(model), slots, per_slot)
+            makers[name] = functools.partial(
+                llama_server, name, gguf_for(model, outtype), slots, per_slot, kv_type=kv_type
+            )
     return makers
 
 
@@ -487,7 +511,8 @@ def run(args) -> dict[str, list[dict[str, float]]]:
     makers = build_servers(args, model, window, per_slot)
     print(
         f"checkpoint {model}; prompts: fixed {len(fixed.ids)} tokens, unique {len(unique.ids)} tokens; "
-        f"{args.new_tokens} new tokens per request; clients {args.concurrency}; {args.repeats} repeat(s)"
+        f"{args.new_tokens} new tokens per request; clients {args.concurrency}; {args.repeats} repeat(s); "
+        f"precision {args.precision}"
     )
     for name, version in versions(args.peers, args.vllm_venv).items():
         print(f"{name}: {version}")
@@ -506,8 +531,9 @@ def run(args) -> dict[str, list[dict[str, float]]]:
             proc = start_server(server, log_file)
             try:
                 wait_healthy(url, proc, timeout=1200)
-                print(f"  {name}: ready in {time.perf_counter() - started:.0f} s (log {log_file})", flush=True)
-                results[name].append(measure(server, url, tokenizer, args, proc.pid))
+                ready = time.perf_counter() - started
+                print(f"  {name}: ready in {ready:.0f} s (log {log_file})", flush=True)
+                results[name].append({**measure(server, url, tokenizer, args, proc.pid), "start-up (s)": ready})
             except Exception as exc:  # one failed round leaves a gap, not a lost run
                 print(f"  {name} failed in round {repeat}: {exc}; its log: {log_file}", file=sys.stderr, flush=True)
             finally:
@@ -584,9 +610,9 @@ def main() -> None:
         "--peers", default=",".join(DEFAULT_SERVERS), help=f"servers to run, from {','.join(ALL_SERVERS)}"
     )
     parser.add_argument("--quick", action="store_true", help="1 round, 1 and 16 clients, fewer requests")
-    parser.add_argument(
-        "--modes", default="fixed,unique", type=lambda v: v.split(","), help="prompt modes to measure (fixed,unique)"
-    )
+    parser.add_argument("--precision", default="f32", choices=sorted(PRECISIONS), help="like for like, see above")
+    parser.add_argument("--modes", default="fixed,unique", help="prompt modes to measure: fixed, unique or both")
+    parser.add_argument("--no-ttft", action="store_true", help="skip time to first token under 16 busy clients")
     parser.add_argument("--ours-python", default=sys.executable, help="python that runs our api.py")
     parser.add_argument("--ours-engine", default="native", help="--engine for the 'ours' column")
     parser.add_argument("--vllm-venv", type=Path, default=CACHE / "vllm-venv")
@@ -600,6 +626,9 @@ def main() -> None:
     args.concurrency = [int(c) for c in (args.concurrency or ("1,16" if args.quick else "1,16,32")).split(",")]
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    args.modes = [m for m in ("fixed", "unique") if m in args.modes.split(",")]
+    if args.precision != "f32" and {"vllm", "vllm-ids", "ours+vllm"} & set(args.peers):
+        parser.error("vLLM runs in float32 only here: leave it out of --peers for --precision bf16 or int8")
     unknown = set(args.peers) - set(ALL_SERVERS)
     if unknown:
         parser.error(f"unknown --peers {sorted(unknown)}; choose from {','.join(ALL_SERVERS)}")

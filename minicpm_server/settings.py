@@ -162,8 +162,13 @@ class Settings(BaseSettings):
             "once; lean decode step only, not with --compile or prompt scoring). Off by default: no gain measured yet.",
         ),
     )
-    quantization: Literal["fp8"] | None = Field(
-        None, description=_env("quantization", "vllm: 'fp8' quantizes the weights at load (Ada/Hopper GPUs).")
+    quantization: Literal["none", "int8", "fp8"] | None = Field(
+        None,
+        description=_env(
+            "quantization",
+            "Quantize the weights as they load. native: 'int8' (weight-only, per-channel scales; CPU and CUDA). "
+            "vllm: 'fp8' (Ada/Hopper GPUs). none: the --dtype weights.",
+        ),
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description=_env("log_level", "Log level."))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -22,12 +24,15 @@ needs_packing = pytest.mark.skipif(
 )
 
 
-def decoder_pair(path, dtype: str):
+def decoder_pair(path, dtype: str, prepare: Callable[[Any], None] | None = None):
     """Two copies of one checkpoint, each with a KV pool holding the same random context: one
-    decodes through transformers' forward, the other through the lean decoder."""
+    decodes through transformers' forward, the other through the lean decoder. `prepare` is
+    applied to both models first (quantizing them, say)."""
     runners = []
     for lean in (False, True):
         model = load_checkpoint(path, device="cpu", dtype=dtype).model
+        if prepare is not None:
+            prepare(model)
         shape = KvShape.of(model)
         blocks = 4 * blocks_for(200, BLOCK) + 1
         cache = PagedKVCache(

@@ -29,7 +29,7 @@ from minicpm_server.model import chat
 from minicpm_server.model.facts import ModelFacts, parameter_size
 
 ARCHITECTURE = "minicpm"  # the key prefix of model_info, as Ollama names an architecture's facts
-QUANTIZATION_LEVELS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "fp8": "FP8"}
+QUANTIZATION_LEVELS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "fp8": "FP8", "int8": "INT8"}
 # The model is never unloaded while the server runs; Ollama shows such a model's expiry far ahead too.
 NEVER = "9999-12-31T23:59:59Z"
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from minicpm_server.api.errors import APIError
 from minicpm_server.api.metrics import Metrics
 from minicpm_server.api.protocol import HealthResponse
-from minicpm_server.engine import create_engine
+from minicpm_server.engine import create_engine, quantization
 from minicpm_server.engine.protocol import Engine, EngineStats, Finished, GenerationRequest, SamplingParams
 from minicpm_server.exceptions import StartupError, one_line
 from minicpm_server.model.facts import ModelFacts, model_facts
@@ -82,8 +82,8 @@ class ModelService:
                 engine.inject_fault(s.testing_start_fault)
             warm_up(engine)
             dtype = str(resolve_dtype(s.dtype, checked.device)).removeprefix("torch.")
-            if engine.name == "vllm" and s.quantization:
-                dtype = s.quantization  # vLLM quantized the weights as it loaded them
+            if quantization(s):
+                dtype = quantization(s)  # the weights were quantized as they loaded
             files = checked.files
             self.facts = model_facts(files.config, files.weight_files, dtype, checked.device.type)
         except StartupError as exc:

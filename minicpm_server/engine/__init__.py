@@ -46,9 +46,31 @@ def create_engine(settings: Settings, checked: Preflight) -> Engine:
     """Load what the chosen backend needs and build it (not started)."""
     backend = choose_backend(settings.engine, checked.device.type)
     log.info("engine: %s%s", backend, " (chosen by --engine auto)" if settings.engine == "auto" else "")
+    check_quantization(backend, quantization(settings))
     if backend == "vllm":
         return _vllm_engine(settings, checked)
     return _native_engine(settings, checked)
+
+
+# Which --quantization each backend does: the native engine quantizes to int8 itself
+# (engine/native/quantized.py); vLLM quantizes to fp8 as it loads (GPU only), and has no weight-only
+# int8 of an unquantized checkpoint (its int8 methods read pre-quantized checkpoints).
+QUANTIZATIONS = {"native": ("int8",), "vllm": ("fp8",)}
+
+
+def quantization(settings: Settings) -> str | None:
+    """--quantization with `none` read as no quantization."""
+    return None if settings.quantization in (None, "none") else settings.quantization
+
+
+def check_quantization(backend: str, method: str | None) -> None:
+    if method is None or method in QUANTIZATIONS[backend]:
+        return
+    other = next(name for name, methods in QUANTIZATIONS.items() if method in methods)
+    raise StartupError(
+        f"--quantization {method} is not available on the {backend} engine; it is for --engine {other} "
+        f"(the {backend} engine takes: {', '.join(QUANTIZATIONS[backend])})"
+    )
 
 
 def context_window(settings: Settings, checkpoint_window: int) -> int:
@@ -62,9 +84,15 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     from minicpm_server.engine.native.engine import NativeEngine
     from minicpm_server.model.checkpoint import load_checkpoint
 
-    # Compiling traces transformers' forward over plain nn.Linear layers: then nothing is packed.
-    pack = not settings.compile
+    method = quantization(settings)
+    # Compiling traces transformers' forward over plain nn.Linear layers, and int8 quantizes those
+    # layers after loading: in either case nothing is packed while reading.
+    pack = not settings.compile and method is None
     checkpoint = load_checkpoint(settings.model_path, settings.device, settings.dtype, checked=checked, pack=pack)
+    if method is not None:
+        from minicpm_server.engine.native.quantized import quantize_model
+
+        quantize_model(checkpoint.model, method)
     torch.manual_seed(settings.seed)  # the tutorial seeds torch once at start-up; so do we
     return NativeEngine(
         checkpoint.model,
@@ -100,7 +128,7 @@ def _vllm_engine(settings: Settings, checked: Preflight) -> Engine:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
         enable_prefix_caching=settings.enable_prefix_caching,
-        quantization=settings.quantization,
+        quantization=quantization(settings),
         kv_cache_gb=settings.kv_cache_gb,
         seed=settings.seed,
         kv_bytes_per_token=kv_bytes_per_token(files.config, dtype),

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Bytes per parameter at each dtype the server loads weights in (fp8: vLLM's --quantization fp8).
-_BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
+# Bytes per parameter at each dtype the server loads weights in (fp8: vLLM's --quantization fp8;
+# int8: the native engine's, whose per-channel scales and norms add well under 1%).
+_BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ModelFacts:
     file_bytes: int  # the weight files on disk
     modified: float  # the newest weight file's modification time (seconds since the epoch)
     digest: str  # an identifier of the checkpoint (see checkpoint_digest), not a hash of the weights
-    dtype: str  # what the weights are computed in: "bfloat16", "float16", "float32" or "fp8"
+    dtype: str  # what the weights are held in: "bfloat16", "float16", "float32", "fp8" or "int8"
     device: str  # "cuda" or "cpu"
 
     @property

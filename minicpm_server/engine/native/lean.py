@@ -16,6 +16,9 @@ row of the 8-layer benchmark model, 1.8x at 16-32 rows, and 1.9x at one row of t
   (q/k/v, gate/up, the output head) are stored input-major: for one row, MKL's product with
   the usual [out, in] layout ran 1.4-4x slower than with [in, out] here (the output head
   most), and at 16 or more rows the two were equal;
+* with `--quantization int8` the layers are Int8Linear (quantized.py), fused the same way (q/k/v
+  and gate/up each one int8 matrix, the modules' buffers views into it), and the embedding rows
+  come from the output head's int8 table;
 * rotary cos/sin come from a table computed once for every position, by the same formula as
   transformers' rotary embedding;
 * keys and values go into the paged pool directly and come out of it by whole blocks (one
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 
 from minicpm_server.engine.native.packed import PackedLinear, PackedProjection, pack, packs_weights
 from minicpm_server.engine.native.paged import BlockDecodeLayout, PagedKVCache
+from minicpm_server.engine.native.quantized import Int8Linear, fuse
 
 log = logging.getLogger("minicpm_server.engine.native.lean")
 
@@ -106,7 +110,7 @@ class LeanDecoder:
         self.attention_multiplier = config.attention_multiplier
         self.logits_scaling = config.logits_scaling
         inner = model.model
-        device = inner.embed_tokens.weight.device
+        device = inner.norm.weight.device  # embed_tokens may be int8 lookups, with no .weight
         on_cpu = device.type == "cpu"
         if pack_weights is None:
             pack_weights = packs_weights(device, config.hidden_size, inner.norm.weight.dtype)
@@ -116,6 +120,9 @@ class LeanDecoder:
             return relayout(modules, input_major=on_cpu and wide)
 
         def projection(parent: Any, names: list[str]) -> Projection:
+            modules = [getattr(parent, name) for name in names]
+            if all(isinstance(m, Int8Linear) for m in modules):  # --quantization int8 (quantized.py)
+                return fuse(modules)
             # A model packed by an earlier engine stays packed: its dense weights are gone.
             if pack_weights or any(isinstance(getattr(parent, name), PackedLinear) for name in names):
                 return PackedProjection([pack(parent, name) for name in names])
@@ -133,17 +140,23 @@ class LeanDecoder:
             for layer in inner.layers
         ]
         self.packed = isinstance(self.layers[0].qkv, PackedProjection)
-        if self.packed:  # a packed copy: the embedding table stays dense for its row lookups
-            self.lm_head: Projection = PackedProjection([pack(model, "lm_head")])
+        self.quantized = isinstance(model.lm_head, Int8Linear)
+        if self.quantized:  # the int8 table serves the head and, tied, the embedding's lookups
+            self.lm_head: Projection = model.lm_head
+        elif self.packed:  # a packed copy: the embedding table stays dense for its row lookups
+            self.lm_head = PackedProjection([pack(model, "lm_head")])
         else:
             tied = model.lm_head.weight is inner.embed_tokens.weight
             self.lm_head = _Dense(right([model.lm_head]))
             if tied:  # MiniCPM ties them: keep one copy, which the embedding reads as a strided view
                 inner.embed_tokens.weight = model.lm_head.weight
-        self.embed = inner.embed_tokens.weight
+        self.embed_tokens = inner.embed_tokens  # a module: dense nn.Embedding, or int8 lookups
         self.norm = inner.norm.weight
-        if self.packed:
-            head = self.embed.numel() * self.embed.element_size()
+        if self.quantized:
+            log.info("decode step: lean, int8 weights (quantized.py)")
+        elif self.packed:
+            table = inner.embed_tokens.weight
+            head = table.numel() * table.element_size()
             log.info("decode step: lean, weights packed for oneDNN (+%.0f MB: the output head's copy)", head / 1e6)
         else:
             log.info("decode step: lean, %s weights", "input-major" if on_cpu else "fused")
@@ -164,13 +177,13 @@ class LeanDecoder:
 
     def _rotary_table(self, rotary: Any, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for every position, computed by transformers' own rotary embedding."""
-        ids = torch.arange(positions, device=self.embed.device)[None, :]
-        cos, sin = rotary(self.embed[:1], position_ids=ids)
+        ids = torch.arange(positions, device=self.norm.device)[None, :]
+        cos, sin = rotary(self.norm[None, None, :1], position_ids=ids)  # only its dtype and device count
         return cos[0], sin[0]
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, layout: BlockDecodeLayout) -> torch.Tensor:
         rows = ids.shape[0]
-        x = F.embedding(ids, self.embed) * self.embedding_multiplier  # [B, hidden]
+        x = self.embed_tokens(ids) * self.embedding_multiplier  # [B, hidden]
         cos = self.cos[positions][:, None, :]  # [B, 1, D]: the same for every head
         sin = self.sin[positions][:, None, :]
         q_heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim

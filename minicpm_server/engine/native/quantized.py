@@ -1,0 +1,208 @@
+"""Weight-only int8 for the native engine (`--quantization int8`): quantized as the model loads.
+
+Each weight matrix W [out, in] becomes int8 values Q and one scale per output channel s, with
+W ~= Q * s[:, None] (symmetric, s = max|W[row]| / 127). Activations, norms, attention and the
+KV cache stay in the model's dtype; only the weights shrink (4x against float32), which is what
+a decode step is bound by: every step reads every weight once.
+
+On CPU the product is PyTorch's own weight-only int8 kernel, `torch.ops.aten._weight_int8pack_mm`
+(x [m, in] times Q [out, in], then per-channel scales). `python -m bench.quant_kernels` chose it:
+on this 2-core AVX2 CPU, at the full-size shapes, it took 0.37-0.47x the time of the float32
+oneDNN product at one row, and about the same at 16 rows, when fed bfloat16 activations. Fed
+float32 activations the same kernel was 2-20x slower (no vectorized path for them here), so the
+activations go in as bfloat16 and the result comes back in the model's dtype. The kernel wants
+its scales in the activations' dtype: the scales are rounded to bfloat16 *before* the weights
+are divided by them, so that rounding moves the grid, not the values (no systematic error).
+
+On CUDA the same operator exists but is a plain loop (one thread per output element, reading
+its weight row alone, in float32), so there the product is written as `linear(x, Q.to(dtype)) *
+s`: eager it widens each matrix for its product (weights held in a quarter of float32's memory,
+not faster than bf16), and under `--compile` inductor fuses the widening into the product, which
+is how gpt-fast runs int8 weights on GPUs. Not yet measured on a GPU here.
+
+MiniCPM ties the output head to the embedding table. Quantized, both read one int8 table: the
+head as a product, the embedding as a row lookup times that row's scale. So the full-size model
+holds 2.7 GB of weights instead of 10.9 GB (float32) and needs no dense copy of the table.
+
+`quantize_linear` converts one layer, so a loader that streams layers can quantize each as it
+arrives; `quantize_model` walks a loaded model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("minicpm_server.engine.native.quantized")
+
+FORMATS = ("int8",)
+# The int8 kernel's fast paths take 16-bit activations (see the module docstring).
+ACTIVATION_DTYPE = torch.bfloat16
+# Names of the linear layers in each decoder layer that are quantized (all of them).
+LAYER_LINEARS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def activation_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """float16 models keep float16 (the kernel takes it too); everything else goes in as bfloat16."""
+    return torch.float16 if model_dtype == torch.float16 else ACTIVATION_DTYPE
+
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (Q [out, in] int8, scales [out] in `scale_dtype`)."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1).clamp(min=1e-10) / 127.0).to(scale_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+class Int8Linear(torch.nn.Module):
+    """A bias-free linear layer over int8 weights and per-channel scales."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, output_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.output_dtype = output_dtype  # what the model computes in (the layer's input dtype)
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
+        if linear.bias is not None:
+            raise ValueError("int8 quantization here is for bias-free linear layers (MiniCPM has no biases)")
+        dtype = linear.weight.dtype
+        qweight, scales = quantize_int8(linear.weight, activation_dtype(dtype))
+        return cls(qweight, scales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        product = widening_product if self.qweight.is_cuda else packed_int8_product
+        y = product(flat, self.qweight, self.scales)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """W as the kernel sees it, in float32 (tests and accuracy checks)."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+
+def packed_int8_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """PyTorch's weight-only int8 kernel (the CPU path)."""
+    return torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
+
+
+def widening_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The same product written for the compiler to fuse (the CUDA path; see the module docstring)."""
+    return F.linear(x, qweight.to(x.dtype)) * scales
+
+
+class Int8Embedding(torch.nn.Module):
+    """Row lookups from the int8 table the output head multiplies by (MiniCPM ties the two)."""
+
+    def __init__(self, table: Int8Linear) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.table.qweight).to(self.table.output_dtype)
+        return rows * self.table.scales[ids].to(self.table.output_dtype).unsqueeze(-1)
+
+
+def fuse(parts: list[Int8Linear]) -> Int8Linear:
+    """One Int8Linear whose outputs are the parts' side by side (q/k/v, gate/up: one product per
+    step). Each part's buffers become row slices of the fused ones, so no weight is held twice and
+    transformers' forward (prefill) still calls each part."""
+    if len(parts) == 1:
+        return parts[0]
+    fused = Int8Linear(
+        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), parts[0].output_dtype
+    )
+    start = 0
+    for part in parts:
+        rows = part.out_features
+        part.qweight = fused.qweight[start : start + rows]
+        part.scales = fused.scales[start : start + rows]
+        start += rows
+    return fused
+
+
+def quantize_linear(linear: torch.nn.Module, fmt: str = "int8") -> torch.nn.Module:
+    """One layer in `fmt` (see FORMATS); an already quantized layer is returned as it is."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}")
+    if isinstance(linear, Int8Linear):
+        return linear
+    return Int8Linear.from_linear(linear)
+
+
+def quantize_decoder_layer(layer: Any, fmt: str = "int8") -> None:
+    """Replace the linear layers of one decoder layer in place (what a streaming loader calls)."""
+    for block_name, names in LAYER_LINEARS.items():
+        block = getattr(layer, block_name)
+        for name in names:
+            setattr(block, name, quantize_linear(getattr(block, name), fmt))
+
+
+def quantize_model(model: Any, fmt: str = "int8", *, head: bool = True) -> None:
+    """Quantize a loaded Granite/MiniCPM model in place, layer by layer (each layer's dense
+    weights are freed before the next is converted), then (`head`) the output head and, when
+    tied to it, the embedding table. `head=False` keeps them dense (bench/accuracy.py measures
+    what quantizing them costs)."""
+    inner = model.model
+    for layer in inner.layers:
+        quantize_decoder_layer(layer, fmt)
+    if head:
+        tied = isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is inner.embed_tokens.weight
+        table = quantize_linear(model.lm_head, fmt)
+        model.lm_head = table
+        if tied:
+            inner.embed_tokens = Int8Embedding(table)
+    own_remaining_tensors(model)
+    gc.collect()
+    return_freed_memory()
+    log.info("weights quantized to %s (per-channel scales; %.2f GB of weights now)", fmt, weight_bytes(model) / 1e9)
+
+
+def own_remaining_tensors(model: Any) -> None:
+    """Copy the tensors quantization left as loaded (norms, rotary tables) into memory of their own.
+
+    transformers maps a float32 checkpoint file into memory and its tensors point into that
+    mapping; as long as one of them (a 2304-float norm weight) is alive, the whole file stays
+    mapped and its pages, all read once by quantizing, count in the process's memory (seen: 16 GB
+    resident for the full-size model, whose int8 weights take 2.7 GB)."""
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            continue
+        for param in module._parameters.values():
+            if param is not None:
+                param.data = param.data.clone()
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system (the quantizing temporaries of the
+    smaller matrices land on its heap, which it otherwise keeps). No-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of every parameter and buffer (a tied table counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total

@@ -77,7 +77,7 @@ class MixedStep:
         ids = torch.cat([last, *(p.ids for p in prompts)])
         positions = torch.cat([lengths, *(p.positions for p in prompts)])
         slots = torch.cat([layout.write_slots if layout is not None else last[:0], *(p.write_slots for p in prompts)])
-        x = F.embedding(ids, lean.embed) * lean.embedding_multiplier  # [N, hidden]
+        x = lean.embed_tokens(ids) * lean.embedding_multiplier  # [N, hidden] (dense or int8 lookups)
         cos = lean.cos[positions][:, None, :]
         sin = lean.sin[positions][:, None, :]
         heads, kv_heads, dim = lean.heads, lean.kv_heads, lean.head_dim

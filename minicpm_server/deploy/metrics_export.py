@@ -46,7 +46,9 @@ class RayMetricsExport:
                 if sample.name.endswith("_created"):  # creation timestamps, not measurements
                     continue
                 keys = tuple(sorted(sample.labels))
-                self._gauge(sample.name, keys, family.documentation).set(sample.value, tags=dict(sample.labels))
+                # Ray is retiring ":" in metric names (vLLM's names have it): vllm:x travels as vllm_x.
+                name = sample.name.replace(":", "_")
+                self._gauge(name, keys, family.documentation).set(sample.value, tags=dict(sample.labels))
 
     def _gauge(self, name: str, keys: tuple[str, ...], documentation: str) -> serve_metrics.Gauge:
         gauge = self._gauges.get((name, keys))

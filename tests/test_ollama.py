@@ -326,7 +326,8 @@ def test_errors_in_ollamas_shape(server, method: str, path: str, body, status: i
     data = body if isinstance(body, str) else json.dumps(body) if body is not None else None
     r = requests.request(method, server.url + path, data=data, timeout=60)
     assert r.status_code == status
-    assert list(r.json()) == ["error"] and says in r.json()["error"], r.text
+    assert list(r.json()) == ["error", "request_id"] and says in r.json()["error"], r.text
+    assert r.json()["request_id"] == r.headers["x-request-id"]
     assert not LEAKS.search(r.text)
 
 

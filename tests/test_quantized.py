@@ -24,7 +24,7 @@ import requests
 import torch
 
 from minicpm_server.engine import check_quantization
-from minicpm_server.engine.native import lean as lean_module
+from minicpm_server.engine.native import packed as packed_module
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.packed import packing_available
@@ -161,7 +161,7 @@ def test_int8_engine_answers_alone_and_batched_alike(tiny_dir) -> None:
 def test_bfloat16_packs_only_where_onednn_can(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     """bfloat16 weights go to oneDNN only on CPUs it packs them for (AVX512-BF16 class); elsewhere
     (this AVX2 machine) the lean step keeps them dense instead of failing."""
-    monkeypatch.setattr(lean_module, "MIN_HIDDEN_SIZE", 0)  # the tiny model is too narrow otherwise
+    monkeypatch.setattr(packed_module, "MIN_HIDDEN_SIZE", 0)  # the tiny model is too narrow otherwise
     model = load_checkpoint(tiny_dir, device="cpu", dtype="bfloat16").model
     with torch.inference_mode():
         before = model(input_ids=IDS).logits

@@ -147,12 +147,18 @@ def test_chat_template_with_history_encodes_as_sentencepiece(ours, sp) -> None:
     assert ours.encode(text) == [1, *sp.encode(expected)]
 
 
-def test_lossy_tokenizer_json_is_named_in_one_warning(real_dir: Path, caplog) -> None:
-    shipped = TokenizerJsonTokenizer(real_dir / "tokenizer.json", {})
-    assert shipped.encode("hello") != load_tokenizer(real_dir).encode("hello")  # the conversion is lossy
+def test_lossy_tokenizer_json_is_named_in_one_warning(real_dir: Path, tmp_path: Path, caplog) -> None:
+    import shutil
+
+    brought = tmp_path / "brought"  # the real tokenizer's files as a user brings them (no marker of ours)
+    brought.mkdir()
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(real_dir / name, brought / name)
+    shipped = TokenizerJsonTokenizer(brought / "tokenizer.json", {})
+    assert shipped.encode("hello") != load_tokenizer(brought).encode("hello")  # the conversion is lossy
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="minicpm_server"):
-        load_tokenizer(real_dir)
+        load_tokenizer(brought)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "tokenizer.json tokenizes" in warnings[0] and "using tokenizer.model" in warnings[0]

@@ -85,14 +85,14 @@ class RequestLogMiddleware:
         """Generations and failures at info; health probes, metrics scrapes and page files at debug."""
         state = scope.get("state") or {}
         line = f"{scope.get('method', '-')} {scope.get('path', '-')} status={status}"
-        if "request_id" in state:
-            line += f" request_id={state['request_id']}"
         if state.get("cancelled"):
             line += " cancelled"
         if "usage" in state:  # only requests that reached the engine have token counts
             prompt_tokens, completion_tokens = state["usage"]
             line += f" prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}"
         line += f" duration={seconds:.3f}s"
+        if "request_id" in state:
+            line += f" request_id={state['request_id']}"
         if self.log_prompts and "texts" in state:
             prompt, answer = state["texts"]
             line += f" prompt={prompt!r} response={answer!r}"

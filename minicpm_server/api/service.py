@@ -81,6 +81,7 @@ class ModelService:
                 log.warning("injecting a %s fault before the warm-up (--testing-start-fault)", s.testing_start_fault)
                 engine.inject_fault(s.testing_start_fault)
             warm_up(engine)
+            engine.reset_counters()  # the metrics count traffic, not the warm-up
             dtype = str(resolve_dtype(s.dtype, checked.device)).removeprefix("torch.")
             if quantization(s):
                 dtype = quantization(s)  # the weights were quantized as they loaded

@@ -67,6 +67,10 @@ class EngineBase:
         self.counters = EngineStats()
         self._armed_fault: BaseException | None = None
 
+    def reset_counters(self) -> None:
+        """Start counting from zero (after the warm-up generation, which is not traffic)."""
+        self.counters = EngineStats()
+
     # ----------------------------------------------------------------- admission
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:

@@ -234,6 +234,10 @@ class Engine(Protocol):
         """Stop generating; requests still in flight fail with EngineUnavailableError."""
         ...
 
+    def reset_counters(self) -> None:
+        """Counters (finished requests, failures) back to zero: the warm-up is not counted."""
+        ...
+
     def inject_fault(self, kind: FaultKind) -> None:
         """Testing only: "oom" makes the next step fail like CUDA out of memory; "fatal" kills the engine."""
         ...

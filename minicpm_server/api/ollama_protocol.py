@@ -360,6 +360,7 @@ class OllamaShowRequest(StrictModel):
 
 class OllamaError(BaseModel):
     error: str
+    request_id: str | None = None  # as in the answer's X-Request-Id header
 
 
 class OllamaTopLogprob(BaseModel):

@@ -683,6 +683,7 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    request_id: str | None = None  # as in the answer's X-Request-Id header
 
 
 class ErrorResponse(BaseModel):

@@ -16,6 +16,7 @@ from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.packed import PackedLinear, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
+from minicpm_server.engine.native.quantized import CHUNK_ROWS
 from minicpm_server.model.checkpoint import granite_config, inspect_checkpoint, load_checkpoint
 from minicpm_server.model.loading import load_streaming
 from minicpm_server.model.tiny import SIZES, TinySize, build_tiny_checkpoint
@@ -96,7 +97,8 @@ def status(key):
     return int(line.split()[1]) * 1024
 Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
 before = status("VmRSS")
-model = load_checkpoint(sys.argv[1], device="cpu", dtype="bfloat16").model
+quantize = sys.argv[4] if sys.argv[4] != "none" else None
+model = load_checkpoint(sys.argv[1], device="cpu", dtype=sys.argv[3], quantize=quantize).model
 print(json.dumps({"peak_rise": status("VmHWM") - before, "rise": status("VmRSS") - before}))
 """
 
@@ -107,17 +109,39 @@ def test_load_peak_is_one_copy_plus_a_tensor(tmp_path: Path, tiny_dir: Path) -> 
     weights = path / "pytorch_model.bin"
     shape = SIZES["tiny"]
     assert PEAK_SHAPE.hidden_size > shape.hidden_size
-    done = subprocess.run(
-        [sys.executable, "-c", _PEAK_PROBE, str(path), str(tiny_dir)], cwd=REPO, capture_output=True, text=True
-    )
-    if done.returncode != 0 and "clear_refs" in done.stderr:
-        pytest.skip("resetting VmHWM is not permitted here")
-    assert done.returncode == 0, done.stderr
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = _load_peak(path, tiny_dir, "bfloat16", "none")
     bf16_bytes = weights.stat().st_size // 2
     largest = PEAK_SHAPE.vocab_size * PEAK_SHAPE.hidden_size * 2  # the embedding, in bfloat16
     assert measured["peak_rise"] < bf16_bytes + largest + (16 << 20), measured
     assert measured["rise"] < bf16_bytes * 1.1 + (16 << 20), measured
+
+
+def _load_peak(path: Path, tiny_dir: Path, dtype: str, quantize: str) -> dict[str, int]:
+    """The resident rise while `path` loads in a fresh process (its peak and where it ends)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(path), str(tiny_dir), dtype, quantize],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0 and "clear_refs" in done.stderr:
+        pytest.skip("resetting VmHWM is not permitted here")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM reset")
+def test_int8_load_peak_is_the_int8_weights_plus_a_block(tmp_path: Path, tiny_dir: Path) -> None:
+    """--quantization int8 quantizes each matrix as it is read: the float32 model never exists,
+    so the load peaks at the int8 weights plus a block of rows' temporaries, not at float32's
+    size (about 4x more: what loading dense and quantizing after held)."""
+    path = build_tiny_checkpoint(tmp_path / "MiniCPM-peak", PEAK_SHAPE, seed=5, tokenizer_json=False)
+    fp32_bytes = (path / "pytorch_model.bin").stat().st_size
+    measured = _load_peak(path, tiny_dir, "float32", "int8")
+    block = CHUNK_ROWS * PEAK_SHAPE.intermediate_size * 4 * 3  # a block of float32 rows, its quotient, its rounding
+    assert measured["peak_rise"] < fp32_bytes / 4 * 1.1 + block + (16 << 20), measured
+    assert measured["peak_rise"] < fp32_bytes / 2, measured
+    assert measured["rise"] < fp32_bytes / 4 * 1.1 + (16 << 20), measured
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

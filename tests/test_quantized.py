@@ -25,6 +25,7 @@ import torch
 
 from minicpm_server.engine import check_quantization
 from minicpm_server.engine.native import packed as packed_module
+from minicpm_server.engine.native import quantized as quantized_module
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.packed import packing_available
@@ -130,6 +131,25 @@ def test_quantized_model_computes_its_dequantized_twin(tiny_dir) -> None:
     assert 0 < error.max() <= bf16_error.max() and error.mean() <= bf16_error.mean()
 
 
+def test_int8_quantized_as_read_equals_quantized_after_loading(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's path (each matrix quantized from the file as it is read, a block of rows at a
+    time) gives the very tables that quantizing a loaded float32 model gives."""
+    monkeypatch.setattr(quantized_module, "CHUNK_ROWS", 48)  # several blocks per matrix, a ragged last one
+    streamed = load_checkpoint(tiny_dir, device="cpu", dtype="float32", quantize="int8").model
+    late = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    quantize_model(late)
+    assert isinstance(streamed.model.embed_tokens, Int8Embedding)
+    assert streamed.model.embed_tokens.table is streamed.lm_head  # one table, tied
+    assert not any(isinstance(m, torch.nn.Linear) for m in streamed.modules())  # no dense layer was made
+    ours, theirs = dict(streamed.named_buffers()), dict(late.named_buffers())
+    quantized_names = [name for name in theirs if name.endswith(("qweight", "scales"))]
+    assert quantized_names and set(quantized_names) <= set(ours)
+    for name in quantized_names:
+        assert torch.equal(ours[name], theirs[name]), name
+    with torch.inference_mode():
+        assert torch.equal(streamed(input_ids=IDS).logits, late(input_ids=IDS).logits)
+
+
 def test_int8_lean_step_matches_transformers_forward(tiny_dir) -> None:
     """The lean step fuses the int8 q/k/v and gate/up layers; transformers' forward (prefill)
     calls them one by one; both read one copy of the weights."""
@@ -198,4 +218,4 @@ def test_server_serves_int8(start_server, tiny_dir) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
     tags = requests.get(server.url + "/api/tags", timeout=30).json()["models"][0]
     assert tags["details"]["quantization_level"] == "INT8"
-    assert "int8 weights" in server.log()
+    assert "int8 weights" in server.log() and "quantizing" in server.log()  # quantized as read

@@ -85,14 +85,20 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     from minicpm_server.model.checkpoint import load_checkpoint
 
     method = quantization(settings)
-    # Compiling traces transformers' forward over plain nn.Linear layers, and int8 quantizes those
-    # layers after loading: in either case nothing is packed while reading.
+    # Compiling traces transformers' forward over plain nn.Linear layers: nothing is packed then.
+    # int8 layers are quantized as they are read (model/loading.py), whether compiled or not.
     pack = not settings.compile and method is None
-    checkpoint = load_checkpoint(settings.model_path, settings.device, settings.dtype, checked=checked, pack=pack)
+    checkpoint = load_checkpoint(
+        settings.model_path, settings.device, settings.dtype, checked=checked, pack=pack, quantize=method
+    )
     if method is not None:
-        from minicpm_server.engine.native.quantized import quantize_model
+        from minicpm_server.engine.native.quantized import weight_bytes
 
-        quantize_model(checkpoint.model, method)
+        log.info(
+            "weights quantized to %s as read (per-channel scales; %.2f GB of weights)",
+            method,
+            weight_bytes(checkpoint.model) / 1e9,
+        )
     torch.manual_seed(settings.seed)  # the tutorial seeds torch once at start-up; so do we
     return NativeEngine(
         checkpoint.model,

@@ -283,18 +283,27 @@ def load_tokenizer(files: CheckpointFiles) -> Tokenizer:
 
 
 def load_model(
-    files: CheckpointFiles, device: torch.device, dtype: torch.dtype, attn: str, *, pack: bool = False
+    files: CheckpointFiles,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn: str,
+    *,
+    pack: bool = False,
+    quantize: str | None = None,
 ) -> Any:
     """The model with the checkpoint's weights, streamed in one tensor at a time (loading.py);
     `pack`: its linear layers packed for oneDNN as they are read, where the native engine would
-    pack them anyway (engine/native/packed.py), so no dense copy is ever made of them."""
+    pack them anyway (engine/native/packed.py), so no dense copy is ever made of them;
+    `quantize` ("int8"): quantized as they are read instead (engine/native/quantized.py)."""
     from minicpm_server.engine.native.packed import packs_weights
     from minicpm_server.model.loading import load_streaming
 
     config = granite_config(files.config)
-    pack = pack and packs_weights(device, config.hidden_size, dtype)
+    pack = pack and not quantize and packs_weights(device, config.hidden_size, dtype)
     try:
-        model, missing, report = load_streaming(config, files.weight_files, device, dtype, attn, pack=pack)
+        model, missing, report = load_streaming(
+            config, files.weight_files, device, dtype, attn, pack=pack, quantize=quantize
+        )
     except Exception as exc:  # corrupt pickles and truncated files surface as many exception types
         raise CheckpointError(f"cannot read the weights in {files.path}: {_one_line(exc)}") from None
     if missing:  # never serve a model with holes in it
@@ -325,16 +334,18 @@ def load_checkpoint(
     *,
     checked: Preflight | None = None,
     pack: bool = False,
+    quantize: str | None = None,
 ) -> LoadedCheckpoint:
     """Load the model and tokenizer; `checked` (from preflight) skips the checks already made;
-    `pack` packs linear layers as they load (load_model), for the native engine's lean decoder."""
+    `pack` packs linear layers as they load, `quantize` quantizes them (load_model), for the
+    native engine's lean decoder."""
     start = time.perf_counter()
     checked = checked or preflight(path, device)
     files, torch_device = checked.files, checked.device
     torch_dtype = resolve_dtype(dtype, torch_device)
     attn = attention_implementation(torch_device, torch_dtype)
     tokenizer = load_tokenizer(files)
-    model = load_model(files, torch_device, torch_dtype, attn, pack=pack)
+    model = load_model(files, torch_device, torch_dtype, attn, pack=pack, quantize=quantize)
     seconds = time.perf_counter() - start
     log.info("loaded %s on %s as %s (%s attention) in %.1f s", files.path, torch_device, torch_dtype, attn, seconds)
     return LoadedCheckpoint(model, tokenizer, files, torch_device, torch_dtype, attn)

@@ -171,6 +171,25 @@ def _pack_from(view: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
     return PackedLinear(view if view.dtype == dtype else view.to(dtype))
 
 
+@dataclass(frozen=True)
+class LinearForm:
+    """What the linear layers become as they are read: "dense" (a copy in the model's dtype),
+    "packed" (oneDNN's layout, CPU) or "int8" (weight-only int8, engine/native/quantized.py)."""
+
+    kind: str = "dense"
+
+    @property
+    def phase(self) -> str:
+        return {"packed": "packing", "int8": "quantizing"}.get(self.kind, "copying")
+
+    def make(self, view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        if self.kind == "packed":
+            return _pack_from(view, dtype)
+        from minicpm_server.engine.native.quantized import Int8Linear
+
+        return Int8Linear.from_weight(view, dtype, device)
+
+
 def stream_weights(
     model: Any,
     weight_files: tuple[Path, ...],
@@ -178,22 +197,28 @@ def stream_weights(
     dtype: torch.dtype,
     report: LoadReport,
     *,
-    pack: bool = False,
+    form: LinearForm = LinearForm(),
 ) -> None:
-    """Fill the meta model's parameters from the files, one tensor at a time; with `pack`, its
-    linear layers become oneDNN-packed ones as they are read (CPU, engine/native/packed.py)."""
+    """Fill the meta model's parameters from the files, one tensor at a time; its linear layers
+    take `form` as they are read (packed for oneDNN on CPU, or int8), never a dense copy first.
+    With int8 the tied embedding table is quantized too: one int8 table for the output head's
+    products and the embedding's row lookups (quantized.py)."""
     wanted = dict(model.named_parameters(remove_duplicate=False))
+    tied_table = "model.embed_tokens.weight" if model.config.tie_word_embeddings else None
     for file in weight_files:
         with mapped_tensors(file) as tensors:
             for name, view in tensors:
-                if name not in wanted:
-                    continue  # e.g. a stored rotary table: computed, not loaded
+                if name not in wanted or (form.kind == "int8" and tied_table and name == "lm_head.weight"):
+                    continue  # e.g. a stored rotary table: computed, not loaded; a tied head's copy
                 _expect_shape(name, view, wanted[name])
                 start = time.perf_counter()
-                linear = _linear_owner(model, name) if pack else None
+                linear = _linear_owner(model, name) if form.kind != "dense" else None
                 if linear is not None:
-                    setattr(*linear, _pack_from(view, dtype))
-                    report.add("packing", time.perf_counter() - start)
+                    setattr(*linear, form.make(view, device, dtype))
+                    report.add(form.phase, time.perf_counter() - start)
+                elif form.kind == "int8" and name == tied_table:
+                    _set_int8_table(model, form.make(view, device, dtype))
+                    report.add(form.phase, time.perf_counter() - start)
                 else:
                     _set_tensor(model, name, copy_out(view, device, dtype))
                     report.add("copying", time.perf_counter() - start)
@@ -201,6 +226,14 @@ def stream_weights(
                 report.bytes_read += view.numel() * view.element_size()
                 release_pages(view)
                 del view
+
+
+def _set_int8_table(model: Any, table: torch.nn.Module) -> None:
+    """The output head becomes `table` and the embedding reads its rows (MiniCPM ties them)."""
+    from minicpm_server.engine.native.quantized import Int8Embedding
+
+    model.lm_head = table
+    model.model.embed_tokens = Int8Embedding(table)
 
 
 def _expect_shape(name: str, view: torch.Tensor, param: torch.Tensor) -> None:
@@ -216,20 +249,23 @@ def load_streaming(
     attn: str,
     *,
     pack: bool = False,
+    quantize: str | None = None,
 ) -> tuple[Any, list[str], LoadReport]:
     """(model, missing tensor names, report); the model is tied, in eval mode, on `device`.
-    `pack`: linear layers packed as they are read (stream_weights)."""
+    `pack`: linear layers packed as they are read; `quantize` ("int8"): quantized as they are
+    read, the output head and tied embedding included (stream_weights)."""
     report = LoadReport()
     start = time.perf_counter()
     model = empty_model(config, dtype, attn)
     built = time.perf_counter()
     report.add("building", built - start)
-    stream_weights(model, weight_files, device, dtype, report, pack=pack)
-    if config.tie_word_embeddings:  # MiniCPM stores only the embedding; the head is the same tensor
-        model.lm_head.weight = model.model.embed_tokens.weight
+    form = LinearForm(quantize or ("packed" if pack else "dense"))
+    stream_weights(model, weight_files, device, dtype, report, form=form)
+    if config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
+        model.lm_head.weight = model.model.embed_tokens.weight  # MiniCPM stores only the embedding
     _rebuild_buffers(model, device)
     model.eval()
     missing = [name for name, param in model.named_parameters(remove_duplicate=False) if param.is_meta]
-    spent = sum(report.seconds.get(phase, 0.0) for phase in ("copying", "packing"))
+    spent = sum(report.seconds.get(phase, 0.0) for phase in ("copying", "packing", "quantizing"))
     report.add("opening files", time.perf_counter() - built - spent)
     return model, missing, report

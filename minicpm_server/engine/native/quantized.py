@@ -57,12 +57,24 @@ def activation_dtype(model_dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if model_dtype == torch.float16 else ACTIVATION_DTYPE
 
 
+# Rows quantized at a time: bounds the float32 temporaries to a few tens of MB even for the
+# 122,753-row embedding table, so quantizing while loading adds almost nothing to the peak.
+CHUNK_ROWS = 2048
+
+
 def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (Q [out, in] int8, scales [out] in `scale_dtype`)."""
-    w = weight.detach().float()
-    scales = (w.abs().amax(dim=1).clamp(min=1e-10) / 127.0).to(scale_dtype)
-    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scales
+    """Symmetric per-output-channel int8: (Q [out, in] int8, scales [out] in `scale_dtype`), on
+    `weight`'s device. `weight` may be a view into a mapped file; it is read a block of rows at
+    a time."""
+    weight = weight.detach()
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        w = weight[rows].float()
+        scales[rows] = (w.abs().amax(dim=1).clamp(min=1e-10) / 127.0).to(scale_dtype)
+        q[rows] = torch.round(w / scales[rows].float()[:, None]).clamp_(-127, 127)
+    return q, scales
 
 
 class Int8Linear(torch.nn.Module):
@@ -79,9 +91,19 @@ class Int8Linear(torch.nn.Module):
     def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
         if linear.bias is not None:
             raise ValueError("int8 quantization here is for bias-free linear layers (MiniCPM has no biases)")
-        dtype = linear.weight.dtype
-        qweight, scales = quantize_int8(linear.weight, activation_dtype(dtype))
-        return cls(qweight, scales, dtype)
+        return cls.from_weight(linear.weight, linear.weight.dtype)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, model_dtype: torch.dtype, device: torch.device | None = None
+    ) -> Int8Linear:
+        """From a weight matrix [out, in] (a view into a mapped checkpoint will do: model/loading.py
+        quantizes each matrix as it reads it), for a model computing in `model_dtype`, on `device`
+        (default: the weight's)."""
+        qweight, scales = quantize_int8(weight, activation_dtype(model_dtype))
+        if device is not None and device != qweight.device:
+            qweight, scales = qweight.to(device), scales.to(device)
+        return cls(qweight, scales, model_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales.dtype)

@@ -1,7 +1,7 @@
 """Memory and start-up of the full-size model on CPU: our server against llama.cpp's llama-server.
 
     flock /tmp/fullsize.lock python -m bench.memory --model ~/.cache/minicpm-server/minicpm-full-seed0-real-tokenizer
-    ... --precisions float32,bfloat16 --caches warm,cold --rounds 1
+    ... --precisions float32,bfloat16,int8 --caches warm,cold --rounds 1
     ... --before /tmp/base     # also run another checkout of ours (e.g. `git archive` of main) as "before"
 
 Each server is started alone, on the same checkpoint at the same precision (llama-server on a
@@ -59,7 +59,9 @@ from bench.peers import (
 from minicpm_server.model.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+# precision -> (the GGUF's --outtype, llama-server's KV cache type); int8 is ours with
+# --quantization int8 (weight-only, per channel) beside Q8_0, KV in float32 on both sides.
+GGUF_TYPES = {"float32": ("f32", "f32"), "bfloat16": ("bf16", "bf16"), "int8": ("q8_0", "f32")}
 NEW_TOKENS = 32
 WINDOW = 4096
 
@@ -199,7 +201,7 @@ def ours_at(tree: Path, name: str, model: Path, precision: str, port: int) -> Se
     server = our_server(name, sys.executable, "native", model, port)
     server.argv[1] = str(tree / "api.py")
     server.argv[server.argv.index("--log-level") + 1] = "info"
-    server.argv += ["--dtype", precision]
+    server.argv += ["--quantization", "int8"] if precision == "int8" else ["--dtype", precision]
     server.env = {**server.env, "PYTHONPATH": str(tree)}
     return server
 
@@ -213,9 +215,9 @@ def servers_for(args, precision: str, port: int) -> dict[str, tuple[Server, list
     if args.before:
         out["before"] = (ours_at(Path(args.before), "before", model, precision, port), weights)
     if "llama" in args.peers:
-        gguf = gguf_for(model, GGUF_TYPES[precision])
+        outtype, kv = GGUF_TYPES[precision]
+        gguf = gguf_for(model, outtype)
         llama = llama_server("llama", gguf, 1, WINDOW, port)
-        kv = GGUF_TYPES[precision]
         llama.argv = [a if a != "f32" else kv for a in llama.argv]  # KV in the weights' precision
         out["llama"] = (llama, [gguf])
     return out

@@ -23,7 +23,9 @@ reads /proc/self/maps to check).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import ctypes.util
 import logging
 import mmap
 import sys
@@ -110,6 +112,15 @@ def release_pages(view: torch.Tensor) -> None:
     end = start + view.numel() * view.element_size()
     first, last = start // page * page, -(-end // page) * page
     _MADVISE(first, last - first, mmap.MADV_DONTNEED)
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system. Loading's temporaries (a converted
+    tensor, a block being quantized) are freed as it goes, but glibc keeps what lands on its heap:
+    seen, 1 GB more resident after an int8 load than after quantizing a loaded model, which did
+    this. No-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def copy_out(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -265,6 +276,7 @@ def load_streaming(
         model.lm_head.weight = model.model.embed_tokens.weight  # MiniCPM stores only the embedding
     _rebuild_buffers(model, device)
     model.eval()
+    return_freed_memory()
     missing = [name for name, param in model.named_parameters(remove_duplicate=False) if param.is_meta]
     spent = sum(report.seconds.get(phase, 0.0) for phase in ("copying", "packing", "quantizing"))
     report.add("opening files", time.perf_counter() - built - spent)

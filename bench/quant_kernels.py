@@ -12,6 +12,8 @@ chosen for each weight format decides the step's speed. This times, on the same 
 * int8 pack_mm/bf16: the same kernel with bfloat16 activations
 * int8 dequant:     int8 weights widened to float32 before the product (what a kernel-less
                     fallback would cost)
+* int8 dynamic:     FBGEMM's int8 x int8 product (torch.ops.quantized.linear_dynamic): the activations
+                    quantized too, one scale per input tensor (W8A8, not weight-only)
 * int4 g128:        torch.ops.aten._weight_int4pack_mm_for_cpu, 4-bit weights with a scale and
                     offset per 128 inputs of each output (the asymmetric group-wise layout of
                     gpt-fast and torchao's int4 weight-only), bfloat16 activations: is 4-bit
@@ -89,6 +91,17 @@ def _int4(weight: torch.Tensor) -> Kernel:
     return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4, 128, scales4)
 
 
+def _int8_dynamic(weight: torch.Tensor) -> Kernel:
+    """FBGEMM's dynamic int8 product (PyTorch's older quantization API): the same per-channel int8
+    weights, and the activations quantized too, to 8 bits (7 with reduce_range, as on CPUs
+    without VNNI) with one scale for the whole input, then integer products."""
+    q, scales = int8_weights(weight)
+    zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+    qweight = torch._make_per_channel_quantized_tensor(q, scales.double(), zeros, 0)
+    packed = torch.ops.quantized.linear_prepack(qweight, None)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
 # name: (activation dtype, weight -> product as a function of x); built only when asked for
 KERNELS: dict[str, tuple[torch.dtype, Callable[[torch.Tensor], Kernel]]] = {
     "f32 dense": (torch.float32, _dense),
@@ -99,6 +112,7 @@ KERNELS: dict[str, tuple[torch.dtype, Callable[[torch.Tensor], Kernel]]] = {
     "int8 pack_mm/bf16": (torch.bfloat16, lambda w: _int8(w, torch.bfloat16)),
     "int8 dequant": (torch.float32, _int8_widened),
     "int4 g128": (torch.bfloat16, _int4),
+    "int8 dynamic": (torch.float32, _int8_dynamic),
 }
 
 

@@ -137,28 +137,47 @@ def llama(model_path: Path, variant: str, points: list[Position], vocab: int, po
     proc = start_server(server, log_file)
     url = f"http://127.0.0.1:{port}"
     out = torch.full((len(points), vocab), -math.inf, dtype=torch.float64)
+    banned = byte_tokens(model_path)
     try:
         wait_healthy(url, proc, timeout=1200)
         with requests.Session() as session:
             for i, point in enumerate(points):
-                out[i] = llama_log_probs(session, url, point.context[: point.length], vocab)
+                out[i] = llama_log_probs(session, url, point.context[: point.length], vocab, banned)
     finally:
         stop_server(proc)
     return out
 
 
-def llama_log_probs(session: requests.Session, url: str, prompt: list[int], vocab: int) -> torch.Tensor:
+def byte_tokens(model_path: Path) -> list[int]:
+    """Ids of the single-byte pieces ("<0xE4>"): see llama_log_probs."""
+    pieces, _ = load_tokenizer(model_path).grammar_vocabulary()
+    return [i for i, piece in enumerate(pieces) if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")]
+
+
+def llama_log_probs(
+    session: requests.Session, url: str, prompt: list[int], vocab: int, banned: list[int]
+) -> torch.Tensor:
+    """One position's log-probabilities. llama-server withholds a token that ends inside a UTF-8
+    character, and its probabilities with it, so the one token generated here may not be a
+    single byte: `logit_bias` bans those from being *picked*, and the probabilities it reports are
+    still those of the raw logits (checked: a banned token keeps its own log-probability)."""
     body = {
+        "logit_bias": [[token, False] for token in banned],
         "prompt": prompt,
         "n_predict": 1,
         "n_probs": vocab,
         "post_sampling_probs": False,
         "cache_prompt": True,
         "temperature": 0,
+        "ignore_eos": True,  # when EOS is the likeliest next token, its probabilities are still reported
     }
     r = session.post(url + "/completion", json=body, timeout=600)
     r.raise_for_status()
-    entry = r.json()["completion_probabilities"][0]
+    answer = r.json()
+    if not answer.get("completion_probabilities"):
+        shown = {k: v for k, v in answer.items() if k not in ("generation_settings", "prompt")}
+        raise RuntimeError(f"llama-server returned no probabilities for a {len(prompt)}-token prompt: {shown}")
+    entry = answer["completion_probabilities"][0]
     row = torch.full((vocab,), -math.inf, dtype=torch.float64)
     for item in entry.get("top_logprobs") or entry.get("top_probs") or []:
         value = item["logprob"] if "logprob" in item else math.log(max(item["prob"], 1e-300))

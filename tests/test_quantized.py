@@ -178,9 +178,12 @@ def test_int8_engine_answers_alone_and_batched_alike(tiny_dir) -> None:
     assert all(alone) and alone == together
 
 
-def test_bfloat16_packs_only_where_onednn_can(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bfloat16_packs_only_where_onednn_can(
+    tiny_dir, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """bfloat16 weights go to oneDNN only on CPUs it packs them for (AVX512-BF16 class); elsewhere
-    (this AVX2 machine) the lean step keeps them dense instead of failing."""
+    (this AVX2 machine) the lean step keeps them dense instead of failing, and warns that they
+    are slow there."""
     monkeypatch.setattr(packed_module, "MIN_HIDDEN_SIZE", 0)  # the tiny model is too narrow otherwise
     model = load_checkpoint(tiny_dir, device="cpu", dtype="bfloat16").model
     with torch.inference_mode():
@@ -191,6 +194,8 @@ def test_bfloat16_packs_only_where_onednn_can(tiny_dir, monkeypatch: pytest.Monk
         after = model(input_ids=IDS).logits
     assert decoder.packed == packing_available(torch.bfloat16)
     assert torch.allclose(before.float(), after.float(), atol=3e-2, rtol=3e-2)
+    warned = any("bfloat16 weights on this CPU have no fast product" in r.getMessage() for r in caplog.records)
+    assert warned == (not packing_available(torch.bfloat16))
 
 
 def test_quantization_is_checked_against_the_engine() -> None:

@@ -44,7 +44,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minicpm_server.engine.native.packed import PackedLinear, PackedProjection, pack, packs_weights
+from minicpm_server.engine.native.packed import (
+    PackedLinear,
+    PackedProjection,
+    pack,
+    packs_weights,
+    warn_if_slow_half_precision,
+)
 from minicpm_server.engine.native.paged import BlockDecodeLayout, PagedKVCache
 from minicpm_server.engine.native.quantized import Int8Linear, fuse
 
@@ -160,6 +166,7 @@ class LeanDecoder:
             log.info("decode step: lean, weights packed for oneDNN (+%.0f MB: the output head's copy)", head / 1e6)
         else:
             log.info("decode step: lean, %s weights", "input-major" if on_cpu else "fused")
+            warn_if_slow_half_precision(device, config.hidden_size, inner.norm.weight.dtype)
         self.cos, self.sin = self._rotary_table(inner.rotary_emb, config.max_position_embeddings)
 
     @staticmethod

@@ -100,3 +100,19 @@ class PackedProjection:
         if len(self.packed) == 1:
             return _product(x, self.packed[0])
         return torch.cat([_product(x, p) for p in self.packed], dim=-1)
+
+
+def warn_if_slow_half_precision(device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:
+    """bfloat16 on a CPU that oneDNN cannot pack it for (no AVX512-BF16 or AMX: AVX2 machines,
+    AMD before Zen 4) goes through PyTorch's generic products: on the 2-core AVX2 machine, in one
+    loaded run, the full-size model's first token took 31x and its decode step 2.7x as long as
+    llama-server's at BF16 (BENCHMARKS.md). Whoever asked for bfloat16 for speed hears it once."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or hidden_size < MIN_HIDDEN_SIZE:
+        return
+    if packing_available(dtype):
+        return
+    log.warning(
+        "bfloat16 weights on this CPU have no fast product (oneDNN packs them only on CPUs with "
+        "AVX512-BF16 or AMX): they halve the memory but decode several times slower than float32; "
+        "for speed use --dtype float32, or --quantization int8 for speed and a quarter of the memory"
+    )

@@ -61,7 +61,12 @@ from minicpm_server.model.tokenizer import load_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 # precision -> (the GGUF's --outtype, llama-server's KV cache type); int8 is ours with
 # --quantization int8 (weight-only, per channel) beside Q8_0, KV in float32 on both sides.
-GGUF_TYPES = {"float32": ("f32", "f32"), "bfloat16": ("bf16", "bf16"), "int8": ("q8_0", "f32")}
+GGUF_TYPES = {
+    "float32": ("f32", "f32"),
+    "bfloat16": ("bf16", "bf16"),
+    "int8": ("q8_0", "f32"),
+    "int8-head": ("q8_0", "f32"),  # ours with --quantize-head too
+}
 NEW_TOKENS = 32
 WINDOW = 4096
 
@@ -201,7 +206,10 @@ def ours_at(tree: Path, name: str, model: Path, precision: str, port: int) -> Se
     server = our_server(name, sys.executable, "native", model, port)
     server.argv[1] = str(tree / "api.py")
     server.argv[server.argv.index("--log-level") + 1] = "info"
-    server.argv += ["--quantization", "int8"] if precision == "int8" else ["--dtype", precision]
+    if precision.startswith("int8"):
+        server.argv += ["--quantization", "int8", *(["--quantize-head"] if precision == "int8-head" else [])]
+    else:
+        server.argv += ["--dtype", precision]
     server.env = {**server.env, "PYTHONPATH": str(tree)}
     return server
 

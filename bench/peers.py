@@ -14,8 +14,9 @@
 
 Precision (`--precision`), like for like: `f32` (default) ours in float32 against an F32 GGUF;
 `bf16` ours with `--dtype bfloat16` against a BF16 GGUF (KV caches in bf16 on both sides);
-`int8` ours with `--quantization int8` (weight-only, per-channel) against a Q8_0 GGUF (blocks
-of 32 weights with their own scale), KV caches in float32 on both sides. The GGUFs come from
+`int8` ours with `--quantization int8` (weight-only, per-channel; the output head in float32)
+against a Q8_0 GGUF (blocks of 32 weights with their own scale), KV caches in float32 on both
+sides; `int8-head` the same with `--quantize-head` (ours' head in int8 too, as Q8_0's is). The GGUFs come from
 llama.cpp's converter with the matching --outtype. vLLM runs in float32 only (it is left out
 of bf16 and int8 runs).
 
@@ -190,6 +191,7 @@ PRECISIONS = {
     "f32": ([], "f32", "f32"),
     "bf16": (["--dtype", "bfloat16"], "bf16", "bf16"),
     "int8": (["--quantization", "int8"], "q8_0", "f32"),
+    "int8-head": (["--quantization", "int8", "--quantize-head"], "q8_0", "f32"),  # Q8_0 quantizes its head too
 }
 
 

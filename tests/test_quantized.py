@@ -131,16 +131,26 @@ def test_quantized_model_computes_its_dequantized_twin(tiny_dir) -> None:
     assert 0 < error.max() <= bf16_error.max() and error.mean() <= bf16_error.mean()
 
 
-def test_int8_quantized_as_read_equals_quantized_after_loading(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("head", [False, True], ids=["head-dense", "quantize-head"])
+def test_int8_quantized_as_read_equals_quantized_after_loading(
+    tiny_dir, monkeypatch: pytest.MonkeyPatch, head: bool
+) -> None:
     """The server's path (each matrix quantized from the file as it is read, a block of rows at a
-    time) gives the very tables that quantizing a loaded float32 model gives."""
+    time) gives the very tables that quantizing a loaded float32 model gives; the output head
+    and the embedding tied to it stay one dense table unless --quantize-head."""
     monkeypatch.setattr(quantized_module, "CHUNK_ROWS", 48)  # several blocks per matrix, a ragged last one
-    streamed = load_checkpoint(tiny_dir, device="cpu", dtype="float32", quantize="int8").model
+    streamed = load_checkpoint(tiny_dir, device="cpu", dtype="float32", quantize="int8", quantize_head=head).model
     late = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
-    quantize_model(late)
-    assert isinstance(streamed.model.embed_tokens, Int8Embedding)
-    assert streamed.model.embed_tokens.table is streamed.lm_head  # one table, tied
-    assert not any(isinstance(m, torch.nn.Linear) for m in streamed.modules())  # no dense layer was made
+    quantize_model(late, head=head)
+    dense_layers = [m for m in streamed.modules() if isinstance(m, torch.nn.Linear)]
+    if head:
+        assert isinstance(streamed.model.embed_tokens, Int8Embedding)
+        assert streamed.model.embed_tokens.table is streamed.lm_head  # one table, tied
+        assert dense_layers == []  # no dense layer was made
+    else:
+        assert dense_layers == [streamed.lm_head]
+        assert streamed.lm_head.weight is streamed.model.embed_tokens.weight  # one table, tied
+        assert torch.equal(streamed.lm_head.weight, late.lm_head.weight)
     ours, theirs = dict(streamed.named_buffers()), dict(late.named_buffers())
     quantized_names = [name for name in theirs if name.endswith(("qweight", "scales"))]
     assert quantized_names and set(quantized_names) <= set(ours)
@@ -200,6 +210,10 @@ def test_bfloat16_packs_only_where_onednn_can(
 
 def test_quantization_is_checked_against_the_engine() -> None:
     check_quantization("native", "int8")
+    check_quantization("native", "int8", quantize_head=True)
+    for backend, method in (("native", None), ("vllm", "fp8")):
+        with pytest.raises(StartupError, match="--quantize-head is for --quantization int8"):
+            check_quantization(backend, method, quantize_head=True)
     check_quantization("vllm", "fp8")
     check_quantization("vllm", None)
     with pytest.raises(StartupError, match="int8 is not available on the vllm engine"):
@@ -224,3 +238,4 @@ def test_server_serves_int8(start_server, tiny_dir) -> None:
     tags = requests.get(server.url + "/api/tags", timeout=30).json()["models"][0]
     assert tags["details"]["quantization_level"] == "INT8"
     assert "int8 weights" in server.log() and "quantizing" in server.log()  # quantized as read
+    assert "output head in torch.float32" in server.log()  # not quantized without --quantize-head

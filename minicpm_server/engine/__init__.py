@@ -46,7 +46,7 @@ def create_engine(settings: Settings, checked: Preflight) -> Engine:
     """Load what the chosen backend needs and build it (not started)."""
     backend = choose_backend(settings.engine, checked.device.type)
     log.info("engine: %s%s", backend, " (chosen by --engine auto)" if settings.engine == "auto" else "")
-    check_quantization(backend, quantization(settings))
+    check_quantization(backend, quantization(settings), quantize_head=settings.quantize_head)
     if backend == "vllm":
         return _vllm_engine(settings, checked)
     return _native_engine(settings, checked)
@@ -63,7 +63,11 @@ def quantization(settings: Settings) -> str | None:
     return None if settings.quantization in (None, "none") else settings.quantization
 
 
-def check_quantization(backend: str, method: str | None) -> None:
+def check_quantization(backend: str, method: str | None, *, quantize_head: bool = False) -> None:
+    if quantize_head and not (backend == "native" and method == "int8"):
+        raise StartupError(
+            "--quantize-head is for --quantization int8 on the native engine (it quantizes the head too)"
+        )
     if method is None or method in QUANTIZATIONS[backend]:
         return
     other = next(name for name, methods in QUANTIZATIONS.items() if method in methods)
@@ -89,14 +93,21 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     # int8 layers are quantized as they are read (model/loading.py), whether compiled or not.
     pack = not settings.compile and method is None
     checkpoint = load_checkpoint(
-        settings.model_path, settings.device, settings.dtype, checked=checked, pack=pack, quantize=method
+        settings.model_path,
+        settings.device,
+        settings.dtype,
+        checked=checked,
+        pack=pack,
+        quantize=method,
+        quantize_head=settings.quantize_head,
     )
     if method is not None:
         from minicpm_server.engine.native.quantized import weight_bytes
 
         log.info(
-            "weights quantized to %s as read (per-channel scales; %.2f GB of weights)",
+            "weights quantized to %s as read (per-channel scales; output head %s; %.2f GB of weights)",
             method,
+            method if settings.quantize_head else f"in {checkpoint.dtype} (--quantize-head to quantize it too)",
             weight_bytes(checkpoint.model) / 1e9,
         )
     torch.manual_seed(settings.seed)  # the tutorial seeds torch once at start-up; so do we

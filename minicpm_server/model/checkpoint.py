@@ -290,11 +290,13 @@ def load_model(
     *,
     pack: bool = False,
     quantize: str | None = None,
+    quantize_head: bool = False,
 ) -> Any:
     """The model with the checkpoint's weights, streamed in one tensor at a time (loading.py);
     `pack`: its linear layers packed for oneDNN as they are read, where the native engine would
     pack them anyway (engine/native/packed.py), so no dense copy is ever made of them;
-    `quantize` ("int8"): quantized as they are read instead (engine/native/quantized.py)."""
+    `quantize` ("int8"): quantized as they are read instead (engine/native/quantized.py), the
+    output head and its tied embedding too with `quantize_head`."""
     from minicpm_server.engine.native.packed import packs_weights
     from minicpm_server.model.loading import load_streaming
 
@@ -302,7 +304,7 @@ def load_model(
     pack = pack and not quantize and packs_weights(device, config.hidden_size, dtype)
     try:
         model, missing, report = load_streaming(
-            config, files.weight_files, device, dtype, attn, pack=pack, quantize=quantize
+            config, files.weight_files, device, dtype, attn, pack=pack, quantize=quantize, quantize_head=quantize_head
         )
     except Exception as exc:  # corrupt pickles and truncated files surface as many exception types
         raise CheckpointError(f"cannot read the weights in {files.path}: {_one_line(exc)}") from None
@@ -335,6 +337,7 @@ def load_checkpoint(
     checked: Preflight | None = None,
     pack: bool = False,
     quantize: str | None = None,
+    quantize_head: bool = False,
 ) -> LoadedCheckpoint:
     """Load the model and tokenizer; `checked` (from preflight) skips the checks already made;
     `pack` packs linear layers as they load, `quantize` quantizes them (load_model), for the
@@ -345,7 +348,9 @@ def load_checkpoint(
     torch_dtype = resolve_dtype(dtype, torch_device)
     attn = attention_implementation(torch_device, torch_dtype)
     tokenizer = load_tokenizer(files)
-    model = load_model(files, torch_device, torch_dtype, attn, pack=pack, quantize=quantize)
+    model = load_model(
+        files, torch_device, torch_dtype, attn, pack=pack, quantize=quantize, quantize_head=quantize_head
+    )
     seconds = time.perf_counter() - start
     log.info("loaded %s on %s as %s (%s attention) in %.1f s", files.path, torch_device, torch_dtype, attn, seconds)
     return LoadedCheckpoint(model, tokenizer, files, torch_device, torch_dtype, attn)

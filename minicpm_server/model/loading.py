@@ -185,9 +185,15 @@ def _pack_from(view: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
 @dataclass(frozen=True)
 class LinearForm:
     """What the linear layers become as they are read: "dense" (a copy in the model's dtype),
-    "packed" (oneDNN's layout, CPU) or "int8" (weight-only int8, engine/native/quantized.py)."""
+    "packed" (oneDNN's layout, CPU) or "int8" (weight-only int8, engine/native/quantized.py).
+    int8 leaves the output head (and the embedding tied to it) dense unless `quantize_head`."""
 
     kind: str = "dense"
+    quantize_head: bool = False
+
+    def converts(self, name: str) -> bool:
+        """Whether the linear layer whose weight is `name` takes this form."""
+        return self.kind != "dense" and (self.kind != "int8" or self.quantize_head or name != "lm_head.weight")
 
     @property
     def phase(self) -> str:
@@ -212,22 +218,23 @@ def stream_weights(
 ) -> None:
     """Fill the meta model's parameters from the files, one tensor at a time; its linear layers
     take `form` as they are read (packed for oneDNN on CPU, or int8), never a dense copy first.
-    With int8 the tied embedding table is quantized too: one int8 table for the output head's
-    products and the embedding's row lookups (quantized.py)."""
+    With int8 and `form.quantize_head` the tied embedding table is quantized too: one int8 table
+    for the output head's products and the embedding's row lookups (quantized.py)."""
     wanted = dict(model.named_parameters(remove_duplicate=False))
-    tied_table = "model.embed_tokens.weight" if model.config.tie_word_embeddings else None
+    tied = model.config.tie_word_embeddings
+    int8_table = tied and form.kind == "int8" and form.quantize_head
     for file in weight_files:
         with mapped_tensors(file) as tensors:
             for name, view in tensors:
-                if name not in wanted or (form.kind == "int8" and tied_table and name == "lm_head.weight"):
-                    continue  # e.g. a stored rotary table: computed, not loaded; a tied head's copy
+                if name not in wanted or (tied and name == "lm_head.weight"):
+                    continue  # e.g. a stored rotary table: computed, not loaded; a tied head's copy of the table
                 _expect_shape(name, view, wanted[name])
                 start = time.perf_counter()
-                linear = _linear_owner(model, name) if form.kind != "dense" else None
+                linear = _linear_owner(model, name) if form.converts(name) else None
                 if linear is not None:
                     setattr(*linear, form.make(view, device, dtype))
                     report.add(form.phase, time.perf_counter() - start)
-                elif form.kind == "int8" and name == tied_table:
+                elif int8_table and name == "model.embed_tokens.weight":
                     _set_int8_table(model, form.make(view, device, dtype))
                     report.add(form.phase, time.perf_counter() - start)
                 else:
@@ -261,16 +268,17 @@ def load_streaming(
     *,
     pack: bool = False,
     quantize: str | None = None,
+    quantize_head: bool = False,
 ) -> tuple[Any, list[str], LoadReport]:
     """(model, missing tensor names, report); the model is tied, in eval mode, on `device`.
     `pack`: linear layers packed as they are read; `quantize` ("int8"): quantized as they are
-    read, the output head and tied embedding included (stream_weights)."""
+    read, with `quantize_head` the output head and tied embedding too (stream_weights)."""
     report = LoadReport()
     start = time.perf_counter()
     model = empty_model(config, dtype, attn)
     built = time.perf_counter()
     report.add("building", built - start)
-    form = LinearForm(quantize or ("packed" if pack else "dense"))
+    form = LinearForm(quantize or ("packed" if pack else "dense"), quantize_head=quantize_head)
     stream_weights(model, weight_files, device, dtype, report, form=form)
     if config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight  # MiniCPM stores only the embedding

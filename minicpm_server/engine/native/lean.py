@@ -146,8 +146,8 @@ class LeanDecoder:
             for layer in inner.layers
         ]
         self.packed = isinstance(self.layers[0].qkv, PackedProjection)
-        self.quantized = isinstance(model.lm_head, Int8Linear)
-        if self.quantized:  # the int8 table serves the head and, tied, the embedding's lookups
+        self.quantized = isinstance(self.layers[0].qkv, Int8Linear)  # --quantization int8
+        if isinstance(model.lm_head, Int8Linear):  # --quantize-head: one int8 table, head and tied embedding
             self.lm_head: Projection = model.lm_head
         elif self.packed:  # a packed copy: the embedding table stays dense for its row lookups
             self.lm_head = PackedProjection([pack(model, "lm_head")])
@@ -159,7 +159,8 @@ class LeanDecoder:
         self.embed_tokens = inner.embed_tokens  # a module: dense nn.Embedding, or int8 lookups
         self.norm = inner.norm.weight
         if self.quantized:
-            log.info("decode step: lean, int8 weights (quantized.py)")
+            head = "int8" if isinstance(model.lm_head, Int8Linear) else f"{self.norm.dtype}, input-major"
+            log.info("decode step: lean, int8 weights (quantized.py), output head in %s", head)
         elif self.packed:
             table = inner.embed_tokens.weight
             head = table.numel() * table.element_size()

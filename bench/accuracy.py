@@ -1,6 +1,6 @@
 """How far bf16 and int8 move next-token distributions from float32: ours, and llama.cpp's own.
 
-    python -m bench.accuracy                       # medium checkpoint; ours: float32, bf16, int8, int8-dense-head
+    python -m bench.accuracy                       # medium checkpoint; ours: float32, bf16, int8, int8-head
     python -m bench.accuracy --llama               # and llama-server on F32, BF16 and Q8_0 GGUFs of it
     python -m bench.accuracy --model-path DIR --variants float32,int8
     python -m bench.accuracy --variants float32,int8,int8-g32,int4-g128,int4-g32   # is 4-bit worth it? (simulated)
@@ -53,8 +53,8 @@ CONTEXTS = REPO / "tests" / "data" / "accuracy_contexts.txt"
 OURS = {  # variant: (dtype, quantization, quantize the output head)
     "float32": ("float32", None, False),
     "bf16": ("bfloat16", None, False),
-    "int8": ("float32", "int8", True),
-    "int8-dense-head": ("float32", "int8", False),
+    "int8": ("float32", "int8", False),  # what --quantization int8 runs: the output head stays float32
+    "int8-head": ("float32", "int8", True),  # --quantize-head: the head (and tied embedding) in int8 too
 }
 # Formats no kernel of ours runs yet, simulated: each weight matrix (head and embedding included)
 # replaced by its rounded values, computed in float32. (bits, group of inputs sharing a scale,

@@ -175,9 +175,9 @@ class Settings(BaseSettings):
         description=_env(
             "quantize_head",
             "native, with --quantization int8: quantize the output head and the embedding table it is tied to "
-            "as well (0.85 GB less memory and faster steps for MiniCPM-2B, further from float32). Off by default: "
-            "like GPTQ and AWQ checkpoints, the head stays in --dtype, which keeps int8 at least as close to "
-            "float32 as llama.cpp's Q8_0 (BENCHMARKS.md).",
+            "as well (about 2 GB less memory for MiniCPM-2B on CPU, further from float32). Off by default: like "
+            "GPTQ and AWQ checkpoints, the head stays in --dtype, which keeps int8 at least as close to float32 "
+            "as llama.cpp's Q8_0 (BENCHMARKS.md).",
         ),
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description=_env("log_level", "Log level."))

@@ -28,7 +28,7 @@ from minicpm_server.engine.native import packed as packed_module
 from minicpm_server.engine.native import quantized as quantized_module
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.lean import LeanDecoder
-from minicpm_server.engine.native.packed import packing_available
+from minicpm_server.engine.native.packed import PackedProjection, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.engine.native.quantized import (
     Int8Embedding,
@@ -160,11 +160,19 @@ def test_int8_quantized_as_read_equals_quantized_after_loading(
         assert torch.equal(streamed(input_ids=IDS).logits, late(input_ids=IDS).logits)
 
 
-def test_int8_lean_step_matches_transformers_forward(tiny_dir) -> None:
+@pytest.mark.parametrize("head", ["int8", "float32 packed"])
+def test_int8_lean_step_matches_transformers_forward(tiny_dir, monkeypatch: pytest.MonkeyPatch, head: str) -> None:
     """The lean step fuses the int8 q/k/v and gate/up layers; transformers' forward (prefill)
-    calls them one by one; both read one copy of the weights."""
-    eager, lean = decoder_pair(tiny_dir, "float32", prepare=quantize_model)
+    calls them one by one; both read one copy of the weights. The output head is the int8 table
+    (--quantize-head) or, by default, float32: a oneDNN-packed copy where the model is wide
+    enough to pack (forced here for the tiny model), as the float32 engine's head."""
+    if head == "float32 packed":
+        if not packing_available(torch.float32):
+            pytest.skip("this torch build or CPU cannot pack float32 weights for oneDNN")
+        monkeypatch.setattr(packed_module, "MIN_HIDDEN_SIZE", 0)
+    eager, lean = decoder_pair(tiny_dir, "float32", prepare=lambda m: quantize_model(m, head=head == "int8"))
     assert lean.lean is not None and lean.lean.quantized
+    assert isinstance(lean.lean.lm_head, Int8Linear if head == "int8" else PackedProjection)
     fused = lean.lean.layers[0].qkv
     q_proj = lean.model.model.layers[0].self_attn.q_proj
     assert q_proj.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()

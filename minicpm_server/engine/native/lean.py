@@ -149,7 +149,8 @@ class LeanDecoder:
         self.quantized = isinstance(self.layers[0].qkv, Int8Linear)  # --quantization int8
         if isinstance(model.lm_head, Int8Linear):  # --quantize-head: one int8 table, head and tied embedding
             self.lm_head: Projection = model.lm_head
-        elif self.packed:  # a packed copy: the embedding table stays dense for its row lookups
+        elif self.packed or (self.quantized and packs_weights(device, config.hidden_size, inner.norm.weight.dtype)):
+            # a packed copy (int8 layers too: float32 head): the embedding table stays dense for its row lookups
             self.lm_head = PackedProjection([pack(model, "lm_head")])
         else:
             tied = model.lm_head.weight is inner.embed_tokens.weight
@@ -159,7 +160,11 @@ class LeanDecoder:
         self.embed_tokens = inner.embed_tokens  # a module: dense nn.Embedding, or int8 lookups
         self.norm = inner.norm.weight
         if self.quantized:
-            head = "int8" if isinstance(model.lm_head, Int8Linear) else f"{self.norm.dtype}, input-major"
+            if isinstance(model.lm_head, Int8Linear):
+                head = "int8"
+            else:
+                form = "a packed copy" if isinstance(self.lm_head, PackedProjection) else "input-major"
+                head = f"{self.norm.dtype} ({form})"
             log.info("decode step: lean, int8 weights (quantized.py), output head in %s", head)
         elif self.packed:
             table = inner.embed_tokens.weight

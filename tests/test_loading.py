@@ -141,7 +141,8 @@ def test_int8_load_peak_is_the_int8_weights_plus_a_block(tmp_path: Path, tiny_di
     loaded = (fp32_bytes - table) / 4 + table
     measured = _load_peak(path, tiny_dir, "float32", "int8")
     block = CHUNK_ROWS * PEAK_SHAPE.intermediate_size * 4 * 3  # the float32 buffer of a block, with room to spare
-    assert measured["peak_rise"] < loaded * 1.1 + block + (16 << 20), measured
+    # ... plus the largest tensor's pages of the file mapping while it is read (the table)
+    assert measured["peak_rise"] < loaded * 1.1 + table + block + (16 << 20), measured
     assert measured["peak_rise"] < fp32_bytes * 0.7, measured  # the float32 model never existed
     assert measured["rise"] < loaded * 1.1 + (16 << 20), measured
 

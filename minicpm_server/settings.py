@@ -154,6 +154,17 @@ class Settings(BaseSettings):
             "bucket, logged; eager if compiling fails. Off by default: on a 2-core CPU compiling takes minutes.",
         ),
     )
+    packing: Literal["after-start", "at-load"] = Field(
+        "after-start",
+        description=_env(
+            "packing",
+            "native on CPU, float32 models 512 or more wide (MiniCPM-2B): when the linear layers are re-laid out "
+            "for oneDNN's faster products. after-start: the server is ready first, computing from the checkpoint's "
+            "memory mapping, and the engine packs the layers between steps and while idle (MiniCPM-2B: ready "
+            "sooner; until packing ends, answers may differ from later ones in float rounding). at-load: every "
+            "layer is packed before the server is ready.",
+        ),
+    )
     mixed_prefill: bool = Field(
         False,
         description=_env(

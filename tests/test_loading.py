@@ -3,9 +3,11 @@ every format and dtype; no mapping of the checkpoint left afterwards; one copy's
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,13 +16,13 @@ import torch
 
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.lean import LeanDecoder
-from minicpm_server.engine.native.packed import PackedLinear, packing_available
+from minicpm_server.engine.native.packed import DeferredPacking, PackedLinear, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.engine.native.quantized import CHUNK_ROWS
 from minicpm_server.model.checkpoint import granite_config, inspect_checkpoint, load_checkpoint
-from minicpm_server.model.loading import load_streaming
+from minicpm_server.model.loading import LinearForm, load_streaming
 from minicpm_server.model.tiny import SIZES, TinySize, build_tiny_checkpoint
-from tests.harness import REPO
+from tests.harness import PROMPTS, REPO, greedy, result, run, submit
 
 CPU = torch.device("cpu")
 # (size, weights format, shards, dtype the file stores)
@@ -91,14 +93,15 @@ import json, sys
 from pathlib import Path
 import torch
 from minicpm_server.model.checkpoint import load_checkpoint
+from minicpm_server.model.loading import LinearForm
 load_checkpoint(sys.argv[2], device="cpu", dtype="bfloat16")  # imports and one-time set-up
 def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
     return int(line.split()[1]) * 1024
 Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
 before = status("VmRSS")
-quantize = sys.argv[4] if sys.argv[4] != "none" else None
-model = load_checkpoint(sys.argv[1], device="cpu", dtype=sys.argv[3], quantize=quantize).model
+form = LinearForm(sys.argv[4]) if sys.argv[4] != "none" else LinearForm()
+model = load_checkpoint(sys.argv[1], device="cpu", dtype=sys.argv[3], form=form).model
 print(json.dumps({"peak_rise": status("VmHWM") - before, "rise": status("VmRSS") - before}))
 """
 
@@ -155,7 +158,7 @@ def test_packing_while_reading_gives_the_packed_engine_model(tiny_dir: Path, dty
         pytest.skip(f"this torch build or CPU cannot pack {dtype} weights for oneDNN")
     files = inspect_checkpoint(tiny_dir)
     config = granite_config(files.config)
-    packed_early, missing, report = load_streaming(config, files.weight_files, CPU, dtype, "sdpa", pack=True)
+    packed_early, missing, report = load_streaming(config, files.weight_files, CPU, dtype, "sdpa", LinearForm("packed"))
     assert missing == [] and report.seconds["packing"] > 0
     packed_late = load_checkpoint(tiny_dir, device="cpu", dtype=str(dtype).removeprefix("torch.")).model
     for model in (packed_early, packed_late):
@@ -178,20 +181,108 @@ def test_packing_while_reading_gives_the_packed_engine_model(tiny_dir: Path, dty
     assert checkpoint_mappings(tiny_dir) == []
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
-def test_server_answers_from_weights_packed_as_read_and_maps_no_checkpoint(start_server, tmp_path: Path) -> None:
-    """The server's own path: a model wide enough to be packed while it loads (on a CPU that packs
-    float32), a real request answered, and afterwards no mapping of any checkpoint file."""
-    path = build_tiny_checkpoint(tmp_path / "MiniCPM-wide", PEAK_SHAPE, seed=6, tokenizer_json=False)
-    server = start_server("--model-path", path, "--device", "cpu", "--log-level", "info", wait=False)
-    server.wait_ready(timeout=600)  # a 120 MB model: a shared, busy machine can take minutes
-    answer = requests.post(
-        server.url + "/v1/completions",
-        json={"prompt": "hello", "max_tokens": 4, "ignore_eos": True, "temperature": 0},
-        timeout=120,
+@pytest.mark.skipif(not packing_available(torch.float32), reason="this torch build or CPU cannot pack for oneDNN")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_layers_packed_after_start_compute_from_the_mapping_until_packed(tiny_dir: Path) -> None:
+    """--packing after-start: the layers are views into the checkpoint's mapping (no copy) and
+    compute with PyTorch's default product; packing them later gives the very layers packed as
+    read, and once the last is packed nothing of the file stays mapped."""
+    files = inspect_checkpoint(tiny_dir)
+    config = granite_config(files.config)
+    later, missing, report = load_streaming(
+        config, files.weight_files, CPU, torch.float32, "sdpa", LinearForm("packed", later=True)
     )
+    dense = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    now, _, _ = load_streaming(config, files.weight_files, CPU, torch.float32, "sdpa", LinearForm("packed"))
+    assert missing == [] and report.bytes_mapped > 0 and "mapped to pack after start-up" in report.summary()
+    layers = [m for m in later.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 7 * config.num_hidden_layers and not any(layer.is_packed for layer in layers)
+    assert checkpoint_mappings(tiny_dir) != []  # computed from the file's pages, not from a copy
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    with torch.inference_mode():
+        # the same numbers; the products differ from nn.Linear's in rounding only (packed.dense_product)
+        assert torch.allclose(later(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+        packing = DeferredPacking(layers)
+        steps = 0
+        while packing.pack_next():
+            steps += 1
+        assert steps == len(layers) - 1 and packing.left == 0 and all(layer.is_packed for layer in layers)
+        assert torch.equal(later(ids).logits, now(ids).logits)  # packed later = packed as read
+    del layers, packing
+    assert checkpoint_mappings(tiny_dir) == []
+
+
+def test_a_layer_that_cannot_be_packed_keeps_its_dense_product(caplog: pytest.LogCaptureFixture) -> None:
+    """Packing after start-up must never take the server down: a failure (out of memory, say)
+    stops it, and the layers left compute as they did."""
+    weight = torch.randn(8, 4)
+    layers = [PackedLinear(weight.clone(), later=True) for _ in range(3)]
+
+    def refuse() -> None:
+        raise RuntimeError("out of memory")
+
+    layers[1].pack_now = refuse
+    packing = DeferredPacking(layers)
+    assert packing.pack_next() is True and layers[0].is_packed
+    assert packing.pack_next() is False and packing.left == 0 and not layers[2].is_packed
+    assert "packing stopped (out of memory): 1 layers keep" in caplog.text
+    x = torch.randn(2, 4)
+    assert torch.allclose(layers[2](x), x @ weight.t())
+
+
+@pytest.mark.skipif(not packing_available(torch.float32), reason="this torch build or CPU cannot pack for oneDNN")
+def test_the_engine_packs_after_its_first_step_and_answers_throughout(tmp_path: Path) -> None:
+    """Packing after start-up never delays the warm-up: nothing is packed before the engine's
+    first step; after it, every layer is packed (the output head's copy last) while the engine
+    stays free to answer."""
+    path = build_tiny_checkpoint(tmp_path / "MiniCPM-wide", PEAK_SHAPE, seed=6, tokenizer_json=False)
+    loaded = load_checkpoint(path, device="cpu", dtype="float32", form=LinearForm("packed", later=True))
+
+    async def body(engine):
+        packing = engine.runner.packing
+        assert packing.total == 57 and packing.order[-1] is loaded.model.lm_head  # 7 per layer, and the head
+        await asyncio.sleep(0.5)  # an engine idle from the start has packed nothing
+        assert packing.left == packing.total
+        first = await result(submit(engine, loaded, PROMPTS[0], greedy(4)))
+        deadline = time.monotonic() + 300
+        while packing.left and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        second = await result(submit(engine, loaded, PROMPTS[0], greedy(4)))
+        return first, second, packing.left
+
+    first, second, left = run(loaded, body)
+    assert left == 0 and first.completion_tokens == second.completion_tokens == 4
+    assert all(m.is_packed for m in loaded.model.modules() if isinstance(m, PackedLinear))
+    assert checkpoint_mappings(path) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize("packing", ["after-start", "at-load"])
+def test_server_answers_from_weights_packed_as_read_and_maps_no_checkpoint(
+    start_server, tmp_path: Path, packing: str
+) -> None:
+    """The server's own path: a model wide enough to be packed (on a CPU that packs float32),
+    real requests answered, and in the end no mapping of any checkpoint file. at-load packs as
+    the weights are read; after-start (the default) is ready with the layers still in the file's
+    mapping and packs them while idle."""
+    path = build_tiny_checkpoint(tmp_path / "MiniCPM-wide", PEAK_SHAPE, seed=6, tokenizer_json=False)
+    server = start_server(
+        "--model-path", path, "--device", "cpu", "--log-level", "info", "--packing", packing, wait=False
+    )
+    server.wait_ready(timeout=600)  # a 120 MB model: a shared, busy machine can take minutes
+    body = {"prompt": "hello", "max_tokens": 4, "ignore_eos": True, "temperature": 0}
+    answer = requests.post(server.url + "/v1/completions", json=body, timeout=120)
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
     [weights_line] = server.log_lines("weights: ")
-    assert ("packing" in weights_line) == packing_available(torch.float32), weights_line
+    packs = packing_available(torch.float32)
+    if packing == "at-load":
+        assert ("packing" in weights_line) == packs, weights_line
+    else:
+        assert ("mapped to pack after start-up" in weights_line) == packs, weights_line
+        if packs:
+            [done] = server.log_lines("linear layers for oneDNN after start-up in", timeout=300)
+            assert "packed 57 linear layers" in done  # 7 per layer and the output head's copy
+    again = requests.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert str(path.resolve()) not in maps

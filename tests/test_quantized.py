@@ -42,6 +42,7 @@ from minicpm_server.engine.native.quantized import (
 )
 from minicpm_server.exceptions import StartupError
 from minicpm_server.model.checkpoint import load_checkpoint
+from minicpm_server.model.loading import LinearForm
 from tests.harness import PROMPTS, REPO, greedy, result, run, submit
 from tests.test_lean import BLOCK, decoder_pair, step_inputs
 
@@ -139,7 +140,8 @@ def test_int8_quantized_as_read_equals_quantized_after_loading(
     time) gives the very tables that quantizing a loaded float32 model gives; the output head
     and the embedding tied to it stay one dense table unless --quantize-head."""
     monkeypatch.setattr(quantized_module, "CHUNK_ROWS", 48)  # several blocks per matrix, a ragged last one
-    streamed = load_checkpoint(tiny_dir, device="cpu", dtype="float32", quantize="int8", quantize_head=head).model
+    form = LinearForm("int8", quantize_head=head)
+    streamed = load_checkpoint(tiny_dir, device="cpu", dtype="float32", form=form).model
     late = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
     quantize_model(late, head=head)
     dense_layers = [m for m in streamed.modules() if isinstance(m, torch.nn.Linear)]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from minicpm_server.engine.protocol import Engine
     from minicpm_server.model.checkpoint import Preflight
+    from minicpm_server.model.loading import LinearForm
     from minicpm_server.settings import Settings
 
 log = logging.getLogger("minicpm_server")
@@ -82,6 +83,20 @@ def context_window(settings: Settings, checkpoint_window: int) -> int:
     return min(checkpoint_window, settings.max_model_len or checkpoint_window)
 
 
+def linear_form(settings: Settings) -> LinearForm:
+    """What the native engine's linear layers become as they load (model/loading.py). int8 layers
+    are quantized as they are read, whether compiled or not; compiling traces transformers'
+    forward over plain nn.Linear layers, so nothing is packed then."""
+    from minicpm_server.model.loading import DENSE, LinearForm
+
+    method = quantization(settings)
+    if method is not None:
+        return LinearForm(method, quantize_head=settings.quantize_head)
+    if settings.compile:
+        return DENSE
+    return LinearForm("packed", later=settings.packing == "after-start")
+
+
 def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     import torch
 
@@ -89,17 +104,8 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     from minicpm_server.model.checkpoint import load_checkpoint
 
     method = quantization(settings)
-    # Compiling traces transformers' forward over plain nn.Linear layers: nothing is packed then.
-    # int8 layers are quantized as they are read (model/loading.py), whether compiled or not.
-    pack = not settings.compile and method is None
     checkpoint = load_checkpoint(
-        settings.model_path,
-        settings.device,
-        settings.dtype,
-        checked=checked,
-        pack=pack,
-        quantize=method,
-        quantize_head=settings.quantize_head,
+        settings.model_path, settings.device, settings.dtype, checked=checked, form=linear_form(settings)
     )
     if method is not None:
         from minicpm_server.engine.native.quantized import weight_bytes

@@ -23,6 +23,7 @@ import torch
 
 from minicpm_server.exceptions import StartupError
 from minicpm_server.exceptions import one_line as _one_line
+from minicpm_server.model.loading import DENSE, LinearForm
 from minicpm_server.model.tokenizer import Tokenizer, TokenizerError
 from minicpm_server.model.tokenizer import load_tokenizer as load_checkpoint_tokenizer
 
@@ -287,25 +288,20 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     attn: str,
-    *,
-    pack: bool = False,
-    quantize: str | None = None,
-    quantize_head: bool = False,
+    form: LinearForm = DENSE,
 ) -> Any:
-    """The model with the checkpoint's weights, streamed in one tensor at a time (loading.py);
-    `pack`: its linear layers packed for oneDNN as they are read, where the native engine would
-    pack them anyway (engine/native/packed.py), so no dense copy is ever made of them;
-    `quantize` ("int8"): quantized as they are read instead (engine/native/quantized.py), the
-    output head and its tied embedding too with `quantize_head`."""
+    """The model with the checkpoint's weights, streamed in one tensor at a time (loading.py),
+    its linear layers taking `form` as they are read: packed for oneDNN where the native engine
+    would pack them anyway (engine/native/packed.py; now, or after start-up with `form.later`),
+    so no dense copy is ever made of them; or quantized to int8 (engine/native/quantized.py)."""
     from minicpm_server.engine.native.packed import packs_weights
     from minicpm_server.model.loading import load_streaming
 
     config = granite_config(files.config)
-    pack = pack and not quantize and packs_weights(device, config.hidden_size, dtype)
+    if form.kind == "packed" and not packs_weights(device, config.hidden_size, dtype):
+        form = DENSE
     try:
-        model, missing, report = load_streaming(
-            config, files.weight_files, device, dtype, attn, pack=pack, quantize=quantize, quantize_head=quantize_head
-        )
+        model, missing, report = load_streaming(config, files.weight_files, device, dtype, attn, form)
     except Exception as exc:  # corrupt pickles and truncated files surface as many exception types
         raise CheckpointError(f"cannot read the weights in {files.path}: {_one_line(exc)}") from None
     if missing:  # never serve a model with holes in it
@@ -335,22 +331,18 @@ def load_checkpoint(
     dtype: str = "auto",
     *,
     checked: Preflight | None = None,
-    pack: bool = False,
-    quantize: str | None = None,
-    quantize_head: bool = False,
+    form: LinearForm = DENSE,
 ) -> LoadedCheckpoint:
     """Load the model and tokenizer; `checked` (from preflight) skips the checks already made;
-    `pack` packs linear layers as they load, `quantize` quantizes them (load_model), for the
-    native engine's lean decoder."""
+    `form` is what the linear layers become as they load (load_model): packed or quantized for
+    the native engine's lean decoder."""
     start = time.perf_counter()
     checked = checked or preflight(path, device)
     files, torch_device = checked.files, checked.device
     torch_dtype = resolve_dtype(dtype, torch_device)
     attn = attention_implementation(torch_device, torch_dtype)
     tokenizer = load_tokenizer(files)
-    model = load_model(
-        files, torch_device, torch_dtype, attn, pack=pack, quantize=quantize, quantize_head=quantize_head
-    )
+    model = load_model(files, torch_device, torch_dtype, attn, form)
     seconds = time.perf_counter() - start
     log.info("loaded %s on %s as %s (%s attention) in %.1f s", files.path, torch_device, torch_dtype, attn, seconds)
     return LoadedCheckpoint(model, tokenizer, files, torch_device, torch_dtype, attn)

@@ -150,6 +150,9 @@ class NativeEngine(EngineBase):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._released_since_busy = True
+        # Layers left to pack after start-up (packed.py) wait for the first step (the server's
+        # warm-up), so that packing never delays readiness.
+        self._may_pack = False
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
 
@@ -245,9 +248,13 @@ class NativeEngine(EngineBase):
                     if newcomers is None:
                         return
                     try:
-                        self._step(newcomers)
+                        if newcomers or not self.scheduler.idle:
+                            self._step(newcomers)
+                            self._may_pack = True
                     except Exception as exc:  # every failure must reach the requests
                         self._fail_in_flight(exc)
+                    if self._may_pack:  # one layer left to pack after start-up: between steps, or while idle
+                        self.runner.packing.pack_next()
         except BaseException as exc:
             # Logged here, with the traceback of a real crash (an injected one needs none); the
             # server notices the dead engine (api/service.py) and exits non-zero.
@@ -263,6 +270,8 @@ class NativeEngine(EngineBase):
         """Block until there is something to do; return the requests to admit now (None = stop)."""
         with self._cv:
             while not self._stopping and self.scheduler.idle:
+                if self._may_pack and self.runner.packing.left:
+                    return []  # pack a layer (outside the lock, so requests can still arrive), then look again
                 self._on_idle()
                 self._cv.wait(timeout=1.0)
             if self._stopping:

@@ -150,8 +150,10 @@ class LeanDecoder:
         if isinstance(model.lm_head, Int8Linear):  # --quantize-head: one int8 table, head and tied embedding
             self.lm_head: Projection = model.lm_head
         elif self.packed or (self.quantized and packs_weights(device, config.hidden_size, inner.norm.weight.dtype)):
-            # a packed copy (int8 layers too: float32 head): the embedding table stays dense for its row lookups
-            self.lm_head = PackedProjection([pack(model, "lm_head")])
+            # a packed copy (int8 layers too: float32 head): the embedding table stays dense for its row lookups;
+            # made with the layers' packing, after start-up when loading left the layers for later
+            later = self.packed and any(not part.is_packed for part in self._packed_parts())
+            self.lm_head = PackedProjection([pack(model, "lm_head", later=later)])
         else:
             tied = model.lm_head.weight is inner.embed_tokens.weight
             self.lm_head = _Dense(right([model.lm_head]))
@@ -169,11 +171,19 @@ class LeanDecoder:
         elif self.packed:
             table = inner.embed_tokens.weight
             head = table.numel() * table.element_size()
-            log.info("decode step: lean, weights packed for oneDNN (+%.0f MB: the output head's copy)", head / 1e6)
+            waiting = sum(not part.is_packed for part in self._packed_parts((self.lm_head,)))
+            when = f" ({waiting} of them after start-up, between steps)" if waiting else ""
+            log.info(
+                "decode step: lean, layers packed for oneDNN%s; +%.0f MB: the output head's copy", when, head / 1e6
+            )
         else:
             log.info("decode step: lean, %s weights", "input-major" if on_cpu else "fused")
             warn_if_slow_half_precision(device, config.hidden_size, inner.norm.weight.dtype)
         self.cos, self.sin = self._rotary_table(inner.rotary_emb, config.max_position_embeddings)
+
+    def _packed_parts(self, extra: tuple[Projection, ...] = ()) -> list[PackedLinear]:
+        projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return [part for p in (*projections, *extra) if isinstance(p, PackedProjection) for part in p.parts]
 
     @staticmethod
     def supports(model: Any) -> bool:

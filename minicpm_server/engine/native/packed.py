@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("minicpm_server.engine.native.packed")
 
@@ -70,22 +74,64 @@ def packs_weights(device: torch.device, hidden_size: int, dtype: torch.dtype) ->
 
 class PackedLinear(torch.nn.Module):
     """A bias-free nn.Linear whose weight lives only in oneDNN's packed layout. `weight` ([out,
-    in]) may be a view into a memory-mapped file: packing reads it once and keeps no reference."""
+    in]) may be a view into a memory-mapped file: packing reads it once and keeps no reference.
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    `later=True` keeps `weight` as it is and computes from it with PyTorch's default product until
+    `pack_now()` (the server packs layers after it is ready, between engine steps: see
+    DeferredPacking); `on_packed(weight)` runs once packing has read it (loading releases the
+    file mapping's pages there)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        *,
+        later: bool = False,
+        on_packed: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
+        self.packed: torch.Tensor | None = None
+        self.dense: torch.Tensor | None = weight.detach()
+        self._on_packed = on_packed
+        if not later:
+            self.pack_now()
+
+    @property
+    def is_packed(self) -> bool:
+        return self.packed is not None
+
+    def pack_now(self) -> None:
+        """Re-lay the weight out for oneDNN and let go of the dense one; idempotent."""
+        if self.dense is None:
+            return
+        dense, self.dense = self.dense, None
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(dense.contiguous(), BATCH_HINT)
+        if self._on_packed is not None:
+            self._on_packed(dense)
+            self._on_packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _product(x, self.packed)
+        if self.packed is not None:
+            return _product(x, self.packed)
+        return dense_product(x, self.dense)
 
 
-def pack(parent: Any, name: str) -> PackedLinear:
-    """Replace `parent.<name>` (an nn.Linear without bias) by its packed form; idempotent."""
+def dense_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T with PyTorch's default products, as fast as they go on a [out, in] weight:
+    MKL's x @ W^T read the full-size layers at 3-4 GB/s for 4-16 rows where (W @ x^T)^T read
+    them at 5.6-11 GB/s; at one row the plain product was the faster (12.8 against 11.9 GB/s)."""
+    if x.numel() == x.shape[-1]:
+        return F.linear(x, weight)
+    rows = x.reshape(-1, x.shape[-1])
+    return (weight @ rows.t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def pack(parent: Any, name: str, *, later: bool = False) -> PackedLinear:
+    """Replace `parent.<name>` (an nn.Linear without bias) by its packed form (`later`: packed
+    when DeferredPacking gets to it); idempotent."""
     module = getattr(parent, name)
     if not isinstance(module, PackedLinear):
-        module = PackedLinear(module.weight)
+        module = PackedLinear(module.weight, later=later)
         setattr(parent, name, module)
     return module
 
@@ -94,12 +140,51 @@ class PackedProjection:
     """One or more packed linear layers applied to the same input, outputs side by side."""
 
     def __init__(self, parts: list[PackedLinear]) -> None:
-        self.packed = [part.packed for part in parts]
+        self.parts = parts
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.packed) == 1:
-            return _product(x, self.packed[0])
-        return torch.cat([_product(x, p) for p in self.packed], dim=-1)
+        if len(self.parts) == 1:
+            return self.parts[0].forward(x)
+        return torch.cat([part.forward(x) for part in self.parts], dim=-1)
+
+
+class DeferredPacking:
+    """Packs a model's waiting PackedLinear layers one at a time, for the engine to call between
+    steps and while idle, so that the server is ready before the layers are re-laid out.
+
+    Why: packing MiniCPM-2B's float32 layers takes 6.5-10 s of a 24-28 s start-up on the 2-core
+    benchmark machine; packing in a thread beside the imports saved nothing measurable there (both
+    want the two cores and the memory bandwidth; BENCHMARKS.md). Until a layer is packed it
+    computes from its dense weight, a view into the checkpoint's memory mapping: at one row that
+    read the weights at 11.7 GB/s against packed's 13.6 (4-16 rows: 2-3x slower). Packed and
+    dense products differ in float rounding only (~1e-5 on the logits)."""
+
+    def __init__(self, layers: list[PackedLinear]) -> None:
+        self.order = [layer for layer in layers if not layer.is_packed]
+        self.waiting = deque(self.order)
+        self.total = len(self.order)
+        self.seconds = 0.0
+
+    @property
+    def left(self) -> int:
+        return len(self.waiting)
+
+    def pack_next(self) -> bool:
+        """Pack one layer; whether any are left. A failure (out of memory, say) stops packing:
+        the layers left keep computing from their dense weights."""
+        if not self.waiting:
+            return False
+        start = time.perf_counter()
+        try:
+            self.waiting.popleft().pack_now()
+        except Exception as exc:  # keep serving: the dense products are right, only slower
+            log.warning("packing stopped (%s): %d layers keep PyTorch's default products", exc, len(self.waiting))
+            self.waiting.clear()
+            return False
+        self.seconds += time.perf_counter() - start
+        if not self.waiting:
+            log.info("packed %d linear layers for oneDNN after start-up in %.1f s", self.total, self.seconds)
+        return bool(self.waiting)
 
 
 def warn_if_slow_half_precision(device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:

@@ -3,20 +3,24 @@
     flock /tmp/fullsize.lock python -m bench.memory --model ~/.cache/minicpm-server/minicpm-full-seed0-real-tokenizer
     ... --precisions float32,bfloat16,int8 --caches warm,cold --rounds 1
     ... --before /tmp/base     # also run another checkout of ours (e.g. `git archive` of main) as "before"
+    ... --at-load              # also ours with --packing at-load (layers packed before ready) as "ours-at-load"
 
 Each server is started alone, on the same checkpoint at the same precision (llama-server on a
 GGUF that llama.cpp's converter makes from it: F32 or BF16, bench/peers.py), and measured:
 
 * ready: seconds from starting the process to its /health answering 200 (both servers answer
   503 while they load);
-* peak RSS: the process's VmHWM after the load and one request (the kernel's own high-water
+* peak RSS: the process's VmHWM after the load and two requests (the kernel's own high-water
   mark of its resident memory, so nothing between two samples is missed);
-* steady RSS after that request, split from /proc/PID/smaps_rollup into private (anonymous)
-  memory and file-backed pages (a mapped checkpoint counts there: llama-server maps its GGUF and
+* steady RSS after the second request (below), split from /proc/PID/smaps_rollup into private
+  (anonymous) memory and file-backed pages (a mapped checkpoint counts there: llama-server maps its GGUF and
   computes from the mapping, by design);
-* first token and decode speed of that one streamed request (the 78-token prompt of
+* first token and decode speed of a streamed request sent once ready (the 78-token prompt of
   bench/peers.py, 32 tokens, the tutorial's sampling, ignore_eos): a check that lowering memory
-  did not cost speed, not the benchmark of record for speed (bench/peers.py is).
+  did not cost speed, not the benchmark of record for speed (bench/peers.py is);
+* settled: seconds from the start until the weights are in their final form (the ready time,
+  or for ours with --packing after-start, the default, when its log says the layers packed after
+  start-up are all packed), then a second request's first token and decode speed.
 
 "warm" starts with the checkpoint in the OS page cache (read once before the round), "cold"
 drops the page cache first (`echo 1 > /proc/sys/vm/drop_caches`; when that is not permitted the
@@ -123,6 +127,9 @@ class Start:
     file_gb: float
     ttft_s: float
     decode_tps: float
+    settled_s: float  # until the weights are in their final form: ready, or packed after start-up
+    settled_ttft_s: float  # a second request, once settled
+    settled_tps: float
     timeline: list[str]
 
 
@@ -172,6 +179,27 @@ def one_request(server: Server, url: str, prompts: Prompts, new_tokens: int) -> 
     return first - start, (new_tokens - 1) / max(end - first, 1e-9)
 
 
+DEFERRED = "mapped to pack after start-up"  # our weights line when layers are packed after start-up
+PACKED = "linear layers for oneDNN after start-up in"  # ... and the line once they all are
+
+
+def wait_settled(log_file: Path, proc: subprocess.Popen, started_wall: float, timeout: float = 900) -> float | None:
+    """Seconds from the start until the server's weights were in their final form, from the time
+    stamp of its log line saying so; None for a server that packs nothing after start-up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = log_file.read_text(errors="replace").splitlines()
+        if not any(DEFERRED in line for line in lines):
+            return None
+        done = next((line for line in lines if PACKED in line), None)
+        if done is not None:
+            return datetime.strptime(done[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() - started_wall
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} while packing")
+        time.sleep(0.1)
+    raise RuntimeError(f"not packed after {timeout} s")
+
+
 def measure_start(server: Server, port: int, prompts: Prompts, log_file: Path, new_tokens: int) -> Start:
     if not port_free(port):
         raise RuntimeError(f"port {port} is busy")
@@ -181,6 +209,8 @@ def measure_start(server: Server, port: int, prompts: Prompts, log_file: Path, n
     try:
         ready = wait_ready(url, proc, started)
         ttft, tps = one_request(server, url, prompts, new_tokens)
+        settled = wait_settled(log_file, proc, started_wall) or ready
+        settled_ttft, settled_tps = one_request(server, url, prompts, new_tokens)
         status, rollup = proc_status(proc.pid), smaps_rollup(proc.pid)
     finally:
         stop_server(proc)
@@ -193,6 +223,9 @@ def measure_start(server: Server, port: int, prompts: Prompts, log_file: Path, n
         file_gb=(rollup.get("Rss", 0) - private) / 1e9,
         ttft_s=ttft,
         decode_tps=tps,
+        settled_s=settled,
+        settled_ttft_s=settled_ttft,
+        settled_tps=settled_tps,
         timeline=log_timeline(log_file, started_wall),
     )
 
@@ -200,7 +233,7 @@ def measure_start(server: Server, port: int, prompts: Prompts, log_file: Path, n
 # --------------------------------------------------------------------------- the runs
 
 
-def ours_at(tree: Path, name: str, model: Path, precision: str, port: int) -> Server:
+def ours_at(tree: Path, name: str, model: Path, precision: str, port: int, *extra: str) -> Server:
     """Our server from the checkout at `tree`, logging at info level: its log says when each
     start-up phase ended (weights, KV cache, decode step)."""
     server = our_server(name, sys.executable, "native", model, port)
@@ -210,6 +243,7 @@ def ours_at(tree: Path, name: str, model: Path, precision: str, port: int) -> Se
         server.argv += ["--quantization", "int8", *(["--quantize-head"] if precision == "int8-head" else [])]
     else:
         server.argv += ["--dtype", precision]
+    server.argv += list(extra)
     server.env = {**server.env, "PYTHONPATH": str(tree)}
     return server
 
@@ -220,6 +254,8 @@ def servers_for(args, precision: str, port: int) -> dict[str, tuple[Server, list
     weights = sorted(model.glob("*.bin")) + sorted(model.glob("*.safetensors"))
     out = {}
     out["ours"] = (ours_at(REPO, "ours", model, precision, port), weights)
+    if args.at_load:
+        out["ours-at-load"] = (ours_at(REPO, "ours-at-load", model, precision, port, "--packing", "at-load"), weights)
     if args.before:
         out["before"] = (ours_at(Path(args.before), "before", model, precision, port), weights)
     if "llama" in args.peers:
@@ -271,21 +307,32 @@ def median(starts: list[Start], field: str) -> float:
 
 
 def report(results: dict[tuple[str, str, str], list[Start]]) -> None:
-    fields = ("peak_gb", "steady_gb", "private_gb", "file_gb", "ready_s", "ttft_s", "decode_tps")
+    fields = (
+        "peak_gb",
+        "steady_gb",
+        "private_gb",
+        "file_gb",
+        "ready_s",
+        "ttft_s",
+        "decode_tps",
+        "settled_s",
+        "settled_ttft_s",
+        "settled_tps",
+    )
     print(
         "\n| server | precision | page cache | peak RSS GB | steady RSS GB | private GB | file-backed GB "
-        "| ready s | first token s | decode tok/s |"
+        "| ready s | first token s | decode tok/s | settled s | then first token s | then decode tok/s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (name, precision, cache), starts in results.items():
         cells = " | ".join(f"{median(starts, f):.2f}" for f in fields)
         print(f"| {name} | {precision} | {cache} | {cells} |")
-    ratio_table(results, "llama", ("ours", "before"))
+    ratio_table(results, "llama", ("ours", "ours-at-load", "before"))
     ratio_table(results, "before", ("ours",))
 
 
 def ratio_table(results: dict[tuple[str, str, str], list[Start]], baseline: str, names: tuple[str, ...]) -> None:
-    fields = ("peak_gb", "steady_gb", "ready_s", "ttft_s", "decode_tps")
+    fields = ("peak_gb", "steady_gb", "ready_s", "ttft_s", "decode_tps", "settled_s")
     rows = []
     for (name, precision, cache), starts in results.items():
         base = results.get((baseline, precision, cache))
@@ -295,9 +342,9 @@ def ratio_table(results: dict[tuple[str, str, str], list[Start]], baseline: str,
     if rows:
         print(
             f"\n| server | precision | page cache | peak RSS / {baseline} | steady RSS / {baseline} "
-            f"| ready / {baseline} | first token / {baseline} | decode tok/s / {baseline} |"
+            f"| ready / {baseline} | first token / {baseline} | decode tok/s / {baseline} | settled / {baseline} |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         print("\n".join(rows))
 
 
@@ -308,6 +355,9 @@ def main() -> None:
     parser.add_argument("--caches", default="warm,cold", type=lambda s: s.split(","))
     parser.add_argument("--peers", default="llama", type=lambda s: [p for p in s.split(",") if p])
     parser.add_argument("--before", default=None, help="another checkout of ours, measured as 'before'")
+    parser.add_argument(
+        "--at-load", action="store_true", help="also ours with --packing at-load, measured as 'ours-at-load'"
+    )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--port", type=int, default=18431)

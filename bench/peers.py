@@ -200,6 +200,10 @@ def our_server(name: str, python: str, engine: str, model: Path, port: int, prec
     argv += PRECISIONS[precision][0]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     env = {}
+    if engine == "native":
+        # Speed is measured with the layers packed, from the first request on: by default they are
+        # packed after start-up, while the benchmark's first requests run (bench/memory.py measures that).
+        argv += ["--packing", "at-load"]
     if engine == "vllm":
         argv += ["--kv-cache-gb", "1"]
         env = dict(VLLM_CPU_ENV)

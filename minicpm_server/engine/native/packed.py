@@ -104,8 +104,8 @@ class PackedLinear(torch.nn.Module):
         """Re-lay the weight out for oneDNN and let go of the dense one; idempotent."""
         if self.dense is None:
             return
-        dense, self.dense = self.dense, None
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(dense.contiguous(), BATCH_HINT)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.dense.contiguous(), BATCH_HINT)
+        dense, self.dense = self.dense, None  # only once packed: a failed packing leaves the layer as it was
         if self._on_packed is not None:
             self._on_packed(dense)
             self._on_packed = None
@@ -152,12 +152,13 @@ class DeferredPacking:
     """Packs a model's waiting PackedLinear layers one at a time, for the engine to call between
     steps and while idle, so that the server is ready before the layers are re-laid out.
 
-    Why: packing MiniCPM-2B's float32 layers takes 6.5-10 s of a 24-28 s start-up on the 2-core
-    benchmark machine; packing in a thread beside the imports saved nothing measurable there (both
-    want the two cores and the memory bandwidth; BENCHMARKS.md). Until a layer is packed it
-    computes from its dense weight, a view into the checkpoint's memory mapping: at one row that
-    read the weights at 11.7 GB/s against packed's 13.6 (4-16 rows: 2-3x slower). Packed and
-    dense products differ in float rounding only (~1e-5 on the logits)."""
+    Why: packing MiniCPM-2B's float32 layers took 6.5-10 s of a 24-28 s start-up on the 2-core
+    benchmark machine, and packing in a thread beside the imports saved little (both want the two
+    cores and the memory bandwidth); packed after start-up, the server was ready in 15.9 s
+    instead of 28.5 (BENCHMARKS.md). Until a layer is packed it computes from its dense weight, a
+    view into the checkpoint's memory mapping (dense_product): at one row 12.8 GB/s against
+    packed's 13.6, at 16 rows 5.6 against 6.5, so the first requests are slower, prompts most.
+    Packed and dense products differ in float rounding only (~1e-5 on the logits)."""
 
     def __init__(self, layers: list[PackedLinear]) -> None:
         self.order = [layer for layer in layers if not layer.is_packed]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
 import time
@@ -74,3 +76,23 @@ def test_public_interface_without_key_warns(start_server, tiny_dir) -> None:
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_an_app_that_does_not_listen_does_not_warn_about_the_interface(tiny_dir, caplog) -> None:
+    """A Ray replica builds the app with listening=False: clients reach Ray's proxy, so a
+    public --host says nothing about the replica, and its warning would mislead."""
+    from minicpm_server.api.app import create_app
+    from minicpm_server.settings import Settings
+
+    async def start_and_stop(listening: bool) -> None:
+        settings = Settings(model_path=str(tiny_dir), device="cpu", host="0.0.0.0")
+        app = create_app(settings, listening=listening)
+        async with app.router.lifespan_context(app):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="minicpm_server"):
+        asyncio.run(start_and_stop(listening=False))
+    assert "without an API key" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="minicpm_server"):
+        asyncio.run(start_and_stop(listening=True))
+    assert "without an API key" in caplog.text  # the control: the same settings, listening, warn

@@ -427,15 +427,21 @@ def health_routes() -> APIRouter:
 
 
 def create_app(
-    settings: Settings, on_fatal: Callable[[str], None] | None = None, preflight: Preflight | None = None
+    settings: Settings,
+    on_fatal: Callable[[str], None] | None = None,
+    preflight: Preflight | None = None,
+    *,
+    listening: bool = True,
 ) -> FastAPI:
-    """The app; `preflight` carries the start-up checks api.py already made, so they run once."""
+    """The app; `preflight` carries the start-up checks api.py already made, so they run once.
+    `listening`: served on settings.host and port (api.py); a Ray replica is not (Ray's proxy
+    is what clients reach), so it does not warn about the interface."""
     metrics = Metrics(settings.model_name)
     service = ModelService(settings, metrics, on_fatal, preflight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.public_interface and not settings.api_key:
+        if listening and settings.public_interface and not settings.api_key:
             log.warning(
                 "listening on %s without an API key: anyone who can reach port %d can use the model; "
                 "set --api-key (or MINICPM_API_KEY)",

@@ -153,7 +153,7 @@ class MiniCPMReplica:
     async def __init__(self, settings: Settings, metrics_export_period_s: float = 2.0) -> None:
         from minicpm_server.model.tiny import demo_settings  # torch: in replicas only
 
-        self.app = create_app(demo_settings(settings))
+        self.app = create_app(demo_settings(settings), listening=False)  # clients reach Ray's proxy, not us
         self.service = self.app.state.service
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()

@@ -236,7 +236,7 @@ def measure_start(server: Server, port: int, prompts: Prompts, log_file: Path, n
 def ours_at(tree: Path, name: str, model: Path, precision: str, port: int, *extra: str) -> Server:
     """Our server from the checkout at `tree`, logging at info level: its log says when each
     start-up phase ended (weights, KV cache, decode step)."""
-    server = our_server(name, sys.executable, "native", model, port)
+    server = our_server(name, sys.executable, "native", model, port, packing=None)  # the server's default
     server.argv[1] = str(tree / "api.py")
     server.argv[server.argv.index("--log-level") + 1] = "info"
     if precision.startswith("int8"):

@@ -195,15 +195,19 @@ PRECISIONS = {
 }
 
 
-def our_server(name: str, python: str, engine: str, model: Path, port: int, precision: str = "f32") -> Server:
+def our_server(
+    name: str, python: str, engine: str, model: Path, port: int, precision: str = "f32", packing: str | None = "at-load"
+) -> Server:
+    """Our server as the speed benchmark runs it. `packing`: --packing for the native engine;
+    at-load by default, so speed is measured with the layers packed from the first request on
+    (by default they are packed after start-up, while the first requests run; bench/memory.py
+    measures that, with None: the server's own default)."""
     argv = [python, "api.py", "--model-path", str(model), "--engine", engine, "--device", "cpu"]
     argv += PRECISIONS[precision][0]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     env = {}
-    if engine == "native":
-        # Speed is measured with the layers packed, from the first request on: by default they are
-        # packed after start-up, while the benchmark's first requests run (bench/memory.py measures that).
-        argv += ["--packing", "at-load"]
+    if engine == "native" and packing is not None:
+        argv += ["--packing", packing]
     if engine == "vllm":
         argv += ["--kv-cache-gb", "1"]
         env = dict(VLLM_CPU_ENV)

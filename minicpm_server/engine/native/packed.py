@@ -48,6 +48,11 @@ def _product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed layout of a [out, in] weight."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+
+
 @functools.cache
 def packing_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this torch build and CPU have oneDNN's packed linear operators for `dtype`, and
@@ -58,7 +63,7 @@ def packing_available(dtype: torch.dtype = torch.float32) -> bool:
             return False
         weight = torch.arange(12.0).reshape(3, 4).to(dtype)
         x = torch.ones(2, 4, dtype=dtype)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+        packed = _reorder(weight)
         return bool(torch.allclose(_product(x, packed).float(), (x @ weight.t()).float()))
     except Exception as exc:  # an operator missing or refusing: keep the plain products
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -104,7 +109,7 @@ class PackedLinear(torch.nn.Module):
         """Re-lay the weight out for oneDNN and let go of the dense one; idempotent."""
         if self.dense is None:
             return
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.dense.contiguous(), BATCH_HINT)
+        self.packed = _reorder(self.dense.contiguous())
         dense, self.dense = self.dense, None  # only once packed: a failed packing leaves the layer as it was
         if self._on_packed is not None:
             self._on_packed(dense)

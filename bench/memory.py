@@ -138,12 +138,18 @@ def log_timeline(log_file: Path, started_wall: float) -> list[str]:
     start-up time went); lines without a timestamp (llama-server's) are left out."""
     out = []
     for line in log_file.read_text(errors="replace").splitlines():
-        try:
-            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        except ValueError:
-            continue
-        out.append(f"{stamp - started_wall:6.1f} s  {line[24:][:150]}")
+        stamp = log_stamp(line)
+        if stamp is not None:
+            out.append(f"{stamp - started_wall:6.1f} s  {line[24:][:150]}")
     return out
+
+
+def log_stamp(line: str) -> float | None:
+    """The wall-clock time our server's log line starts with, or None."""
+    try:
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
 
 
 def wait_ready(url: str, proc: subprocess.Popen, started: float, timeout: float = 900) -> float:
@@ -191,9 +197,9 @@ def wait_settled(log_file: Path, proc: subprocess.Popen, started_wall: float, ti
         lines = log_file.read_text(errors="replace").splitlines()
         if not any(DEFERRED in line for line in lines):
             return None
-        done = next((line for line in lines if PACKED in line), None)
+        done = next((log_stamp(line) for line in lines if PACKED in line), None)
         if done is not None:
-            return datetime.strptime(done[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() - started_wall
+            return done - started_wall
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode} while packing")
         time.sleep(0.1)

@@ -154,15 +154,24 @@ class Settings(BaseSettings):
             "bucket, logged; eager if compiling fails. Off by default: on a 2-core CPU compiling takes minutes.",
         ),
     )
+    cpu_kernels: bool = Field(
+        True,
+        description=_env(
+            "cpu_kernels",
+            "native on x86-64 CPUs with AVX2: our own matrix products for float32, bfloat16 and int8 weights "
+            "(compiled once with the system's g++ into the cache; about 2 s). Off, or where they cannot be built: "
+            "PyTorch's products, with float32 layers packed for oneDNN (--packing).",
+        ),
+    )
     packing: Literal["after-start", "at-load"] = Field(
         "after-start",
         description=_env(
             "packing",
-            "native on CPU, float32 models 512 or more wide (MiniCPM-2B): when the linear layers are re-laid out "
-            "for oneDNN's faster products. after-start: the server is ready first, computing from the checkpoint's "
-            "memory mapping, and the engine packs the layers between steps and while idle (MiniCPM-2B: ready "
-            "sooner; until packing ends, answers may differ from later ones in float rounding). at-load: every "
-            "layer is packed before the server is ready.",
+            "native on CPU without our kernels (--no-cpu-kernels), float32 models 512 or more wide: when the "
+            "linear layers are re-laid out for oneDNN's faster products. after-start: the server is ready first, "
+            "computing from the checkpoint's memory mapping, and the engine packs the layers between steps and "
+            "while idle (MiniCPM-2B: ready sooner; until packing ends, answers may differ from later ones in float "
+            "rounding). at-load: every layer is packed before the server is ready.",
         ),
     )
     mixed_prefill: bool = Field(

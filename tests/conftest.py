@@ -134,3 +134,16 @@ def vllm_and_native(start_server, tiny_dir: Path) -> tuple[ServerProcess, Server
     flags = ("--model-path", tiny_dir, "--device", "cpu", "--kv-cache-gb", "1")
     vllm = start_server(*flags, "--engine", "vllm", wait=False).wait_ready(timeout=900)
     return vllm, start_server(*flags, "--engine", "native")
+
+
+@pytest.fixture
+def pytorch_products() -> Iterator[None]:
+    """Our CPU kernels off for one test (engine/native/kernels): the paths they replace where
+    they are available (oneDNN packing, PyTorch's int8 kernel) are tested through this."""
+    from minicpm_server.engine.native.kernels import use_cpu_kernels
+
+    use_cpu_kernels(False)
+    try:
+        yield
+    finally:
+        use_cpu_kernels(True)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from minicpm_server.engine.native import kernels as kernels_module
 from minicpm_server.engine.native.blocks import BlockPool, blocks_for
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.lean import LeanDecoder
@@ -19,6 +20,9 @@ from minicpm_server.model.checkpoint import load_checkpoint
 from tests.harness import PROMPTS, greedy, result, run, submit
 
 BLOCK = 16
+needs_kernels = pytest.mark.skipif(
+    kernels_module.cpu_products() is None, reason="our CPU kernels are not available here"
+)
 needs_packing = pytest.mark.skipif(
     not packing_available(), reason="this torch build has no oneDNN packed linear operators"
 )
@@ -98,7 +102,7 @@ def test_relayout_shares_storage_and_keeps_transformers_forward(tiny_dir) -> Non
         cache = PagedKVCache(
             shape.num_layers, 64 * BLOCK + 1, shape.kv_heads, shape.head_dim, shape.dtype, model.device
         )
-        lean = LeanDecoder(model, cache, BLOCK, pack_weights=False)
+        lean = LeanDecoder(model, cache, BLOCK, pack_weights=False, kernels=False)
         after = model(input_ids=ids).logits
     attention = model.model.layers[0].self_attn
     fused = lean.layers[0].qkv.right
@@ -161,10 +165,13 @@ def test_unsupported_configs_decode_through_transformers(tiny_dir) -> None:
     assert not LeanDecoder.supports(model)
 
 
-@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_packing)])
-def test_engine_answers_equal_with_and_without_lean(tiny_dir, packed: bool) -> None:
-    """Greedy answers through the whole engine, alone and batched, are the same either way
-    (packed: the lean step on oneDNN-packed layers, which the prefill then also runs on)."""
+@pytest.mark.parametrize(
+    "products", ["dense", pytest.param("packed", marks=needs_packing), pytest.param("kernels", marks=needs_kernels)]
+)
+def test_engine_answers_equal_with_and_without_lean(tiny_dir, monkeypatch: pytest.MonkeyPatch, products: str) -> None:
+    """Greedy answers through the whole engine, alone and batched, are the same either way: the
+    lean step on PyTorch's dense products, on oneDNN-packed layers, or on our CPU kernels (the
+    prefill then also runs on the packed layers or the kernels)."""
 
     def answers(lean: bool):
         loaded = load_checkpoint(tiny_dir, device="cpu", dtype="float32")
@@ -172,16 +179,20 @@ def test_engine_answers_equal_with_and_without_lean(tiny_dir, packed: bool) -> N
         async def body(engine):
             if lean:  # the tiny model is too narrow to be packed by default
                 engine.runner.decode.lean = LeanDecoder(
-                    loaded.model, engine.runner.cache, engine.block_size, pack_weights=packed
+                    loaded.model, engine.runner.cache, engine.block_size, pack_weights=products == "packed"
                 )
             alone = [(await result(submit(engine, loaded, p, greedy(24)))).text for p in PROMPTS]
             together = await asyncio.gather(*(result(submit(engine, loaded, p, greedy(24))) for p in PROMPTS))
             decoder = engine.runner.decode.lean
-            return alone, [c.text for c in together], decoder is not None and decoder.packed == packed
+            chosen = decoder is not None and {"packed": decoder.packed, "kernels": decoder.kernels}.get(
+                products, not (decoder.packed or decoder.kernels)
+            )
+            return alone, [c.text for c in together], chosen
 
         return run(loaded, body, lean=lean)
 
     plain_alone, plain_together, _ = answers(False)
+    monkeypatch.setattr(kernels_module, "_enabled", products == "kernels")
     alone, together, as_asked = answers(True)
     assert as_asked
     assert alone == plain_alone and together == plain_together

@@ -16,6 +16,7 @@ import torch
 
 from minicpm_server.engine.native import packed as packed_module
 from minicpm_server.engine.native.budget import KvShape
+from minicpm_server.engine.native.kernels import cpu_products
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.packed import DeferredPacking, PackedLinear, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
@@ -242,6 +243,7 @@ def test_a_layer_that_cannot_be_packed_keeps_its_dense_product(
 
 
 @pytest.mark.skipif(not packing_available(torch.float32), reason="this torch build or CPU cannot pack for oneDNN")
+@pytest.mark.usefixtures("pytorch_products")
 def test_the_engine_packs_after_its_first_step_and_answers_throughout(tmp_path: Path) -> None:
     """Packing after start-up never delays the warm-up: nothing is packed before the engine's
     first step; after it, every layer is packed (the output head's copy last) while the engine
@@ -268,25 +270,29 @@ def test_the_engine_packs_after_its_first_step_and_answers_throughout(tmp_path: 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
-@pytest.mark.parametrize("packing", ["after-start", "at-load"])
+@pytest.mark.parametrize("packing", ["kernels", "after-start", "at-load"])
 def test_server_answers_from_weights_packed_as_read_and_maps_no_checkpoint(
     start_server, tmp_path: Path, packing: str
 ) -> None:
-    """The server's own path: a model wide enough to be packed (on a CPU that packs float32),
-    real requests answered, and in the end no mapping of any checkpoint file. at-load packs as
-    the weights are read; after-start (the default) is ready with the layers still in the file's
-    mapping and packs them while idle."""
+    """The server's own path: a model wide enough to be packed, real requests answered, and in
+    the end no mapping of any checkpoint file. By default our CPU kernels compute from the
+    weights as read (a plain copy; nothing packed). Without them (--no-cpu-kernels, on a CPU
+    that packs float32): at-load packs as the weights are read; after-start is ready with the
+    layers still in the file's mapping and packs them while idle."""
     path = build_tiny_checkpoint(tmp_path / "MiniCPM-wide", PEAK_SHAPE, seed=6, tokenizer_json=False)
-    server = start_server(
-        "--model-path", path, "--device", "cpu", "--log-level", "info", "--packing", packing, wait=False
-    )
+    choice = ["--cpu-kernels"] if packing == "kernels" else ["--no-cpu-kernels", "--packing", packing]
+    server = start_server("--model-path", path, "--device", "cpu", "--log-level", "info", *choice, wait=False)
     server.wait_ready(timeout=600)  # a 120 MB model: a shared, busy machine can take minutes
     body = {"prompt": "hello", "max_tokens": 4, "ignore_eos": True, "temperature": 0}
     answer = requests.post(server.url + "/v1/completions", json=body, timeout=120)
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
     [weights_line] = server.log_lines("weights: ")
     packs = packing_available(torch.float32)
-    if packing == "at-load":
+    if packing == "kernels":
+        ours = cpu_products() is not None  # built in this process too, from the same source
+        assert ("packing" not in weights_line and "mapped" not in weights_line) == ours, weights_line
+        assert ("through our CPU kernels" in server.log()) == ours
+    elif packing == "at-load":
         assert ("packing" in weights_line) == packs, weights_line
     else:
         assert ("mapped to pack after start-up" in weights_line) == packs, weights_line
@@ -295,5 +301,6 @@ def test_server_answers_from_weights_packed_as_read_and_maps_no_checkpoint(
             assert "packed 57 linear layers" in done  # 7 per layer and the output head's copy
     again = requests.post(server.url + "/v1/completions", json=body, timeout=120)
     assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
+    assert again.json()["choices"][0]["text"] == answer.json()["choices"][0]["text"]
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert str(path.resolve()) not in maps

@@ -24,9 +24,11 @@ import requests
 import torch
 
 from minicpm_server.engine import check_quantization
+from minicpm_server.engine.native import kernels as kernels_module
 from minicpm_server.engine.native import packed as packed_module
 from minicpm_server.engine.native import quantized as quantized_module
 from minicpm_server.engine.native.budget import KvShape
+from minicpm_server.engine.native.kernels import KernelLinear, cpu_products
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.packed import PackedProjection, packing_available
 from minicpm_server.engine.native.paged import PagedKVCache
@@ -65,6 +67,7 @@ def test_rounding_moves_each_weight_at_most_half_a_step() -> None:
     assert abs(float(steps[4]) - float(weight[4].abs().max()) / 127) <= float(steps[4]) * BF16_STEP
 
 
+@pytest.mark.usefixtures("pytorch_products")
 def test_int8_product_is_the_dequantized_product_up_to_bfloat16_rounding() -> None:
     generator = torch.Generator().manual_seed(1)
     linear = torch.nn.Linear(96, 40, bias=False)
@@ -162,19 +165,24 @@ def test_int8_quantized_as_read_equals_quantized_after_loading(
         assert torch.equal(streamed(input_ids=IDS).logits, late(input_ids=IDS).logits)
 
 
-@pytest.mark.parametrize("head", ["int8", "float32 packed"])
+@pytest.mark.parametrize("head", ["int8", "float32 packed", "float32 kernels"])
 def test_int8_lean_step_matches_transformers_forward(tiny_dir, monkeypatch: pytest.MonkeyPatch, head: str) -> None:
     """The lean step fuses the int8 q/k/v and gate/up layers; transformers' forward (prefill)
     calls them one by one; both read one copy of the weights. The output head is the int8 table
-    (--quantize-head) or, by default, float32: a oneDNN-packed copy where the model is wide
-    enough to pack (forced here for the tiny model), as the float32 engine's head."""
+    (--quantize-head) or, by default, float32: read from the embedding table by our CPU kernels
+    where they are built, else a oneDNN-packed copy where the model is wide enough to pack
+    (forced here for the tiny model), as the float32 engine's head."""
+    if head == "float32 kernels" and cpu_products() is None:
+        pytest.skip("our CPU kernels are not available here")
     if head == "float32 packed":
         if not packing_available(torch.float32):
             pytest.skip("this torch build or CPU cannot pack float32 weights for oneDNN")
         monkeypatch.setattr(packed_module, "MIN_HIDDEN_SIZE", 0)
+        monkeypatch.setattr(kernels_module, "_enabled", False)  # PyTorch's products; restored after the test
     eager, lean = decoder_pair(tiny_dir, "float32", prepare=lambda m: quantize_model(m, head=head == "int8"))
     assert lean.lean is not None and lean.lean.quantized
-    assert isinstance(lean.lean.lm_head, Int8Linear if head == "int8" else PackedProjection)
+    expected = {"int8": Int8Linear, "float32 packed": PackedProjection, "float32 kernels": KernelLinear}[head]
+    assert isinstance(lean.lean.lm_head, expected)
     fused = lean.lean.layers[0].qkv
     q_proj = lean.model.model.layers[0].self_attn.q_proj
     assert q_proj.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
@@ -198,6 +206,7 @@ def test_int8_engine_answers_alone_and_batched_alike(tiny_dir) -> None:
     assert all(alone) and alone == together
 
 
+@pytest.mark.usefixtures("pytorch_products")
 def test_bfloat16_packs_only_where_onednn_can(
     tiny_dir, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -83,30 +83,38 @@ def context_window(settings: Settings, checkpoint_window: int) -> int:
     return min(checkpoint_window, settings.max_model_len or checkpoint_window)
 
 
-def linear_form(settings: Settings) -> LinearForm:
+def linear_form(settings: Settings, device: str = "cpu") -> LinearForm:
     """What the native engine's linear layers become as they load (model/loading.py). int8 layers
     are quantized as they are read, whether compiled or not; compiling traces transformers'
-    forward over plain nn.Linear layers, so nothing is packed then."""
+    forward over plain nn.Linear layers, so nothing is packed then; nor where our own CPU
+    kernels compute from the weights as stored (engine/native/kernels)."""
     from minicpm_server.model.loading import DENSE, LinearForm
 
     method = quantization(settings)
     if method is not None:
         return LinearForm(method, quantize_head=settings.quantize_head)
-    if settings.compile:
+    if settings.compile or (device == "cpu" and cpu_kernels_available()):
         return DENSE
     return LinearForm("packed", later=settings.packing == "after-start")
+
+
+def cpu_kernels_available() -> bool:
+    from minicpm_server.engine.native.kernels import cpu_products
+
+    return cpu_products() is not None
 
 
 def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     import torch
 
     from minicpm_server.engine.native.engine import NativeEngine
+    from minicpm_server.engine.native.kernels import use_cpu_kernels
     from minicpm_server.model.checkpoint import load_checkpoint
 
+    use_cpu_kernels(settings.cpu_kernels and not settings.compile)
     method = quantization(settings)
-    checkpoint = load_checkpoint(
-        settings.model_path, settings.device, settings.dtype, checked=checked, form=linear_form(settings)
-    )
+    form = linear_form(settings, checked.device.type)
+    checkpoint = load_checkpoint(settings.model_path, settings.device, settings.dtype, checked=checked, form=form)
     if method is not None:
         from minicpm_server.engine.native.quantized import weight_bytes
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from minicpm_server.engine.native.kernels import CpuProducts, KernelLinear, cpu_products, kernel_projection
 from minicpm_server.engine.native.packed import (
     PackedLinear,
     PackedProjection,
@@ -101,9 +102,18 @@ class LeanDecoder:
 
     Building one re-lays out the model's weights in place (see the module docstring)."""
 
-    def __init__(self, model: Any, cache: PagedKVCache, block_size: int, *, pack_weights: bool | None = None) -> None:
-        """`pack_weights`: oneDNN-packed layers (packed.py); by default on CPU where available,
-        for models at least MIN_HIDDEN_SIZE wide."""
+    def __init__(
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        block_size: int,
+        *,
+        pack_weights: bool | None = None,
+        kernels: bool = True,
+    ) -> None:
+        """`kernels`: our own CPU products (kernels/) where they build and the weights suit them;
+        `pack_weights`: otherwise oneDNN-packed layers (packed.py), by default on CPU where
+        available, for models at least MIN_HIDDEN_SIZE wide."""
         config = model.config
         self.cache = cache
         self.block_size = block_size
@@ -118,8 +128,9 @@ class LeanDecoder:
         inner = model.model
         device = inner.norm.weight.device  # embed_tokens may be int8 lookups, with no .weight
         on_cpu = device.type == "cpu"
+        products: CpuProducts | None = cpu_products() if kernels and on_cpu and not pack_weights else None
         if pack_weights is None:
-            pack_weights = packs_weights(device, config.hidden_size, inner.norm.weight.dtype)
+            pack_weights = products is None and packs_weights(device, config.hidden_size, inner.norm.weight.dtype)
 
         def right(modules: list[torch.nn.Linear]) -> torch.Tensor:
             wide = sum(m.out_features for m in modules) > modules[0].in_features
@@ -129,6 +140,8 @@ class LeanDecoder:
             modules = [getattr(parent, name) for name in names]
             if all(isinstance(m, Int8Linear) for m in modules):  # --quantization int8 (quantized.py)
                 return fuse(modules)
+            if (kernel := kernel_projection(parent, names, products)) is not None:
+                return kernel  # our kernels (kernels/), or kept from an earlier decoder
             # A model packed by an earlier engine stays packed: its dense weights are gone.
             if pack_weights or any(isinstance(getattr(parent, name), PackedLinear) for name in names):
                 return PackedProjection([pack(parent, name) for name in names])
@@ -147,8 +160,11 @@ class LeanDecoder:
         ]
         self.packed = isinstance(self.layers[0].qkv, PackedProjection)
         self.quantized = isinstance(self.layers[0].qkv, Int8Linear)  # --quantization int8
+        self.kernels = isinstance(self.layers[0].qkv, KernelLinear)
         if isinstance(model.lm_head, Int8Linear):  # --quantize-head: one int8 table, head and tied embedding
             self.lm_head: Projection = model.lm_head
+        elif (head := kernel_projection(model, ["lm_head"], products)) is not None:
+            self.lm_head = head  # the tied embedding table itself, read as stored: no copy
         elif self.packed or (self.quantized and packs_weights(device, config.hidden_size, inner.norm.weight.dtype)):
             # a packed copy (int8 layers too: float32 head): the embedding table stays dense for its row lookups;
             # made with the layers' packing, after start-up when loading left the layers for later
@@ -162,12 +178,14 @@ class LeanDecoder:
         self.embed_tokens = inner.embed_tokens  # a module: dense nn.Embedding, or int8 lookups
         self.norm = inner.norm.weight
         if self.quantized:
-            if isinstance(model.lm_head, Int8Linear):
-                head = "int8"
-            else:
-                form = "a packed copy" if isinstance(self.lm_head, PackedProjection) else "input-major"
-                head = f"{self.norm.dtype} ({form})"
+            head = "int8" if isinstance(model.lm_head, Int8Linear) else f"{self.norm.dtype} ({self._head_form()})"
             log.info("decode step: lean, int8 weights (quantized.py), output head in %s", head)
+        elif self.kernels:
+            log.info(
+                "decode step: lean, %s weights through our CPU kernels (kernels/), output head %s",
+                self.norm.dtype,
+                self._head_form(),
+            )
         elif self.packed:
             table = inner.embed_tokens.weight
             head = table.numel() * table.element_size()
@@ -180,6 +198,11 @@ class LeanDecoder:
             log.info("decode step: lean, %s weights", "input-major" if on_cpu else "fused")
             warn_if_slow_half_precision(device, config.hidden_size, inner.norm.weight.dtype)
         self.cos, self.sin = self._rotary_table(inner.rotary_emb, config.max_position_embeddings)
+
+    def _head_form(self) -> str:
+        if isinstance(self.lm_head, KernelLinear):
+            return "from the embedding table, no copy"
+        return "a packed copy" if isinstance(self.lm_head, PackedProjection) else "input-major"
 
     def _packed_parts(self, extra: tuple[Projection, ...] = ()) -> list[PackedLinear]:
         projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]

@@ -5,7 +5,13 @@ W ~= Q * s[:, None] (symmetric, s = max|W[row]| / 127). Activations, norms, atte
 KV cache stay in the model's dtype; only the weights shrink (4x against float32), which is what
 a decode step is bound by: every step reads every weight once.
 
-On CPU the product is PyTorch's own weight-only int8 kernel, `torch.ops.aten._weight_int8pack_mm`
+On CPU with AVX2 the product is our own kernel (kernels/products.cpp): each int8 weight is
+widened to float32 in registers and multiplied by float32 activations, and the scales stay in
+float32. At the full-size shapes on the 2-core AVX2 CPU it took 5.0 ms per decoder layer at one
+row against 5.8 for PyTorch's kernel below, and 19 against 30 ms at 16 rows (BENCHMARKS.md).
+
+Where our kernels are unavailable (no compiler, another CPU), the product is PyTorch's own
+weight-only int8 kernel, `torch.ops.aten._weight_int8pack_mm`
 (x [m, in] times Q [out, in], then per-channel scales). `python -m bench.quant_kernels` chose it:
 on this 2-core AVX2 CPU, at the full-size shapes, it took 0.37-0.47x the time of the float32
 oneDNN product at one row, and about the same at 16 rows, when fed bfloat16 activations. Fed
@@ -37,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from minicpm_server.engine.native.kernels import cpu_products
 from minicpm_server.model.loading import return_freed_memory
 
 log = logging.getLogger("minicpm_server.engine.native.quantized")
@@ -103,12 +110,16 @@ class Int8Linear(torch.nn.Module):
         """From a weight matrix [out, in] (a view into a mapped checkpoint will do: model/loading.py
         quantizes each matrix as it reads it), for a model computing in `model_dtype`, on `device`
         (default: the weight's)."""
-        qweight, scales = quantize_int8(weight, activation_dtype(model_dtype))
+        target = device or weight.device
+        ours = target.type == "cpu" and cpu_products() is not None  # our kernel takes float32 scales
+        qweight, scales = quantize_int8(weight, torch.float32 if ours else activation_dtype(model_dtype))
         if device is not None and device != qweight.device:
             qweight, scales = qweight.to(device), scales.to(device)
         return cls(qweight, scales, model_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.qweight.is_cuda and (products := cpu_products()) is not None and products.supports(self.qweight):
+            return products.linear(x, self.qweight, self.scales.float()).to(x.dtype)
         flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
         product = widening_product if self.qweight.is_cuda else packed_int8_product
         y = product(flat, self.qweight, self.scales)

@@ -82,7 +82,7 @@ class DecodeForward:
         # Compiling traces transformers' forward, whose layers must then stay plain nn.Linear.
         packing = False if compile else pack_weights
         self.lean = (
-            LeanDecoder(model, cache, block_size, pack_weights=packing)
+            LeanDecoder(model, cache, block_size, pack_weights=packing, kernels=not compile)
             if lean and LeanDecoder.supports(model)
             else None
         )

@@ -1,0 +1,188 @@
+"""Our own CPU matrix products (engine/native/kernels): built with the system's compiler, equal
+to PyTorch's products within float rounding, independent of the batch and the thread count, and
+what the lean decoder computes with on CPU, without copying a weight."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from minicpm_server.engine.native import kernels
+from minicpm_server.engine.native.budget import KvShape
+from minicpm_server.engine.native.kernels import CAPABLE, KernelLinear, cpu_products
+from minicpm_server.engine.native.lean import LeanDecoder
+from minicpm_server.engine.native.paged import PagedKVCache
+from minicpm_server.engine.native.quantized import Int8Linear, weight_bytes
+from minicpm_server.model.checkpoint import load_checkpoint
+
+BLOCK = 16
+buildable = shutil.which("g++") is not None and torch.backends.cpu.get_cpu_capability() in CAPABLE
+needs_kernels = pytest.mark.skipif(not buildable, reason="needs g++ and an AVX2 CPU")
+
+
+def test_kernels_build_wherever_they_can() -> None:
+    """Where g++ and AVX2 are present the kernels must build and pass their own check: a build
+    that broke would otherwise only show as slower products."""
+    if buildable:
+        assert cpu_products() is not None
+    else:
+        assert cpu_products() is None
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    dense = weight.double() if scales is None else weight.double() * scales.double()[:, None]
+    return (x.double() @ dense.t()).float()
+
+
+def stored(dtype: torch.dtype, out: int, inner: int, generator: torch.Generator):
+    weight = torch.randn(out, inner, generator=generator)
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, (out, inner), generator=generator, dtype=torch.int8), torch.rand(out) / 50
+    return weight.to(dtype), None
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize(("out", "inner"), [(1, 8), (5, 16), (33, 64), (122, 2304)])
+def test_products_equal_pytorchs(dtype: torch.dtype, out: int, inner: int) -> None:
+    products = cpu_products()
+    generator = torch.Generator().manual_seed(out * inner)
+    weight, scales = stored(dtype, out, inner, generator)
+    for rows in (0, 1, 2, 3, 4, 5, 6, 7, 16, 17):  # every tile shape and tail: 3s, 2 + 2, 2, 1
+        x = torch.randn(rows, inner, generator=generator)
+        got = products.linear(x, weight, scales)
+        assert got.shape == (rows, out) and got.dtype == torch.float32
+        expected = reference(x, weight, scales)
+        largest = expected.abs().max().item() if rows else 0.0
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * (1 + largest))
+
+
+@needs_kernels
+def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads() -> None:
+    """Each output is summed by one thread in one order: alone, in any batch, with one thread or
+    two, a row's result is the same to the bit (what lets a request's answer not depend on the
+    others running beside it)."""
+    products = cpu_products()
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(301, 512, generator=generator)
+    batch = torch.randn(11, 512, generator=generator)
+    alone = torch.cat([products.linear(batch[i : i + 1], weight) for i in range(11)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = products.linear(batch, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(products.linear(batch, weight), alone)
+    assert torch.equal(one_thread, alone)
+
+
+@needs_kernels
+def test_bad_operands_are_refused_not_read() -> None:
+    products = cpu_products()
+    with pytest.raises(ValueError, match="features"):
+        products.linear(torch.ones(2, 16), torch.ones(4, 8))
+    with pytest.raises(ValueError, match="scales"):
+        products.linear(torch.ones(2, 8), torch.ones(4, 8, dtype=torch.int8))
+    assert not products.supports(torch.ones(4, 12))  # not a multiple of 8 wide
+    assert not products.supports(torch.ones(8, 4).t())  # not row-major
+    assert not products.supports(torch.ones(4, 8, dtype=torch.float16))
+
+
+def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog) -> None:
+    """No working compiler: the engine hears why once and keeps PyTorch's products."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    kernels._load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="minicpm_server.engine.native.kernels"):
+            products = cpu_products()
+        assert products is None
+        if torch.backends.cpu.get_cpu_capability() in CAPABLE:
+            assert "unavailable" in caplog.text and "false exited with" in caplog.text
+    finally:
+        kernels._load.cache_clear()
+
+
+@needs_kernels
+def test_a_build_is_cached_by_its_source(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = kernels.build()
+    assert first.is_file() and first.parent == tmp_path / "minicpm-server" / "kernels"
+    stamp = first.stat().st_mtime_ns
+    assert kernels.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert list(first.parent.iterdir()) == [first]  # no staging left behind
+
+
+def test_the_switch_turns_them_off() -> None:
+    kernels.use_cpu_kernels(False)
+    try:
+        assert cpu_products() is None
+    finally:
+        kernels.use_cpu_kernels(True)
+
+
+def lean_decoder(model) -> LeanDecoder:
+    shape = KvShape.of(model)
+    cache = PagedKVCache(shape.num_layers, 64 * BLOCK + 1, shape.kv_heads, shape.head_dim, shape.dtype, model.device)
+    return LeanDecoder(model, cache, BLOCK)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_decoder_computes_with_the_kernels_on_the_weights_as_stored(tiny_dir, dtype: str) -> None:
+    """Every linear layer becomes a KernelLinear over its rows of one fused matrix, the output
+    head reads the embedding table itself (no copy), and transformers' forward (the prefill)
+    computes the same logits through them."""
+    model = load_checkpoint(tiny_dir, device="cpu", dtype=dtype).model
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    table = model.model.embed_tokens.weight
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        held = weight_bytes(model)
+        lean = lean_decoder(model)
+        after = model(input_ids=ids).logits
+    assert lean.kernels and not lean.packed
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    fused = lean.layers[0].qkv.weight
+    for module in (attention.q_proj, attention.k_proj, attention.v_proj):
+        assert isinstance(module, KernelLinear)
+        assert module.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert isinstance(mlp.down_proj, KernelLinear) and lean.layers[0].down is mlp.down_proj
+    assert isinstance(model.lm_head, KernelLinear) and lean.lm_head is model.lm_head
+    assert model.lm_head.weight.data_ptr() == table.data_ptr()  # the tied table, read as stored
+    assert weight_bytes(model) == held  # no weight held twice (the tied table counted once)
+    tolerance = 1e-4 if dtype == "float32" else 3e-2
+    assert torch.allclose(before.float(), after.float(), atol=tolerance, rtol=tolerance)
+    if dtype == "float32":
+        assert torch.equal(before.argmax(-1), after.argmax(-1))
+
+
+@needs_kernels
+def test_lean_decoder_without_kernels_when_asked(tiny_dir) -> None:
+    model = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    kernels.use_cpu_kernels(False)
+    try:
+        lean = lean_decoder(model)
+    finally:
+        kernels.use_cpu_kernels(True)
+    assert not lean.kernels
+    assert not any(isinstance(m, KernelLinear) for m in model.modules())
+
+
+@needs_kernels
+def test_int8_layers_use_the_kernel_with_float32_scales() -> None:
+    generator = torch.Generator().manual_seed(3)
+    layer = Int8Linear.from_weight(torch.randn(40, 64, generator=generator), torch.float32)
+    assert layer.scales.dtype == torch.float32  # our kernel keeps them exact; PyTorch's wants bfloat16
+    x = torch.randn(5, 64, generator=generator)
+    got = layer(x)
+    assert torch.allclose(got, x @ layer.dequantized().t(), rtol=1e-4, atol=1e-4)
+    kernels.use_cpu_kernels(False)
+    try:
+        assert torch.allclose(layer(x), got, rtol=1e-4, atol=1e-4)  # PyTorch's kernel, same scales
+    finally:
+        kernels.use_cpu_kernels(True)

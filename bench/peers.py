@@ -113,13 +113,14 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mini
 PEERS_DIR = Path(os.environ.get("MINICPM_PEERS_DIR") or CACHE / "peers")
 LLAMA_SERVER = PEERS_DIR / "llama-build" / "bin" / "llama-server"
 CONVERT_PYTHON = PEERS_DIR / "convert-venv" / "bin" / "python"
-ALL_SERVERS = ("ours", "ours-1t", "ours-mixed", "ours+vllm", "vllm", "vllm-ids", "llama", "llama-1t")
+ALL_SERVERS = ("ours", "ours-1t", "ours-mixed", "ours-pytorch", "ours+vllm", "vllm", "vllm-ids", "llama", "llama-1t")
 DEFAULT_SERVERS = ("ours", "ours+vllm", "vllm", "llama")
 PEER_NAMES = ("vllm", "vllm-ids", "llama", "llama-1t")  # the ones "ours/..." ratios are given for
 LABELS = {
     "ours": "ours",
     "ours-1t": "ours 1 thread",
     "ours-mixed": "ours, mixed prefill",
+    "ours-pytorch": "ours, PyTorch's products",
     "ours+vllm": "ours+vllm",
     "vllm": "vLLM",
     "vllm-ids": "vLLM ids-only",
@@ -215,6 +216,8 @@ def our_server(
         env["OMP_NUM_THREADS"] = "1"  # torch's intra-op threads
     if name == "ours-mixed":
         argv += ["--mixed-prefill"]  # newcomers' prompts in the running rows' decode pass
+    if name == "ours-pytorch":
+        argv += ["--no-cpu-kernels"]  # oneDNN-packed float32, PyTorch's int8 kernel: before our kernels
     return Server(name, argv, "text", {"repetition_penalty": DEFAULT_REPETITION_PENALTY}, env)
 
 
@@ -495,7 +498,7 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
     venv_python = str(args.vllm_venv / "bin" / "python")
     _, outtype, kv_type = PRECISIONS[args.precision]
     for name in args.peers:
-        if name in ("ours", "ours-1t", "ours-mixed"):
+        if name in ("ours", "ours-1t", "ours-mixed", "ours-pytorch"):
             makers[name] = functools.partial(
                 our_server, name, args.ours_python, args.ours_engine, model, precision=args.precision
             )

@@ -17,3 +17,10 @@ fi
 reqs=(-r requirements.txt)
 [ "${1:-}" = "--test" ] && reqs+=(-r requirements-test.txt)
 "$PY" -m pip install -q "${reqs[@]}" -c constraints.txt
+# Our CPU kernels (minicpm_server/engine/native/kernels) are compiled on first use, once; do it
+# now where g++ is present, so the first server start does not wait for it. Without a compiler
+# the server still runs (with PyTorch's products) and says so.
+"$PY" -c "
+from minicpm_server.engine.native.kernels import cpu_products
+print('CPU kernels:', 'built' if cpu_products() else 'not available here (the server will say why)')
+" || true

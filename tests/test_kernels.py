@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from minicpm_server.engine.native import kernels
 from minicpm_server.engine.native.budget import KvShape
-from minicpm_server.engine.native.kernels import CAPABLE, KernelLinear, cpu_products
+from minicpm_server.engine.native.kernels import CAPABLE, KernelLinear, KernelProjection, cpu_products
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.engine.native.quantized import Int8Linear, weight_bytes
 from minicpm_server.model.checkpoint import load_checkpoint
+from minicpm_server.model.loading import LinearForm
 
 BLOCK = 16
 buildable = shutil.which("g++") is not None and torch.backends.cpu.get_cpu_capability() in CAPABLE
@@ -134,12 +137,15 @@ def lean_decoder(model) -> LeanDecoder:
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lean_decoder_computes_with_the_kernels_on_the_weights_as_stored(tiny_dir, dtype: str) -> None:
-    """Every linear layer becomes a KernelLinear over its rows of one fused matrix, the output
-    head reads the embedding table itself (no copy), and transformers' forward (the prefill)
-    computes the same logits through them."""
+    """Every linear layer becomes a KernelLinear over its own weight (nothing fused, nothing
+    copied), q/k/v and gate/up are projections over those layers, the output head reads the
+    embedding table itself, and transformers' forward (the prefill) computes the same logits
+    through them."""
     model = load_checkpoint(tiny_dir, device="cpu", dtype=dtype).model
     ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
     table = model.model.embed_tokens.weight
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    addresses = [m.weight.data_ptr() for m in (attention.q_proj, attention.k_proj, attention.v_proj)]
     with torch.inference_mode():
         before = model(input_ids=ids).logits
         held = weight_bytes(model)
@@ -147,18 +153,53 @@ def test_lean_decoder_computes_with_the_kernels_on_the_weights_as_stored(tiny_di
         after = model(input_ids=ids).logits
     assert lean.kernels and not lean.packed
     attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    fused = lean.layers[0].qkv.weight
-    for module in (attention.q_proj, attention.k_proj, attention.v_proj):
-        assert isinstance(module, KernelLinear)
-        assert module.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    parts = [attention.q_proj, attention.k_proj, attention.v_proj]
+    assert isinstance(lean.layers[0].qkv, KernelProjection) and lean.layers[0].qkv.parts == parts
+    assert all(isinstance(m, KernelLinear) for m in parts)
+    assert [m.weight.data_ptr() for m in parts] == addresses  # the weights where they were
     assert isinstance(mlp.down_proj, KernelLinear) and lean.layers[0].down is mlp.down_proj
     assert isinstance(model.lm_head, KernelLinear) and lean.lm_head is model.lm_head
-    assert model.lm_head.weight.data_ptr() == table.data_ptr()  # the tied table, read as stored
-    assert weight_bytes(model) == held  # no weight held twice (the tied table counted once)
+    assert model.lm_head.weight is table  # the tied table itself
+    assert weight_bytes(model) == held  # no weight held twice
     tolerance = 1e-4 if dtype == "float32" else 3e-2
     assert torch.allclose(before.float(), after.float(), atol=tolerance, rtol=tolerance)
     if dtype == "float32":
         assert torch.equal(before.argmax(-1), after.argmax(-1))
+    again = lean_decoder(model)  # a second decoder on the same model keeps the same layers
+    assert again.kernels and again.layers[0].qkv.parts == parts
+
+
+@needs_kernels
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_mapped_form_leaves_the_matrices_in_the_files_mapping(tiny_dir, caplog) -> None:
+    """The form the server loads with where the kernels run: every matrix (linear layers, the
+    embedding table) is a view into the checkpoint file's mapping, read where it is; vectors
+    (the norms) are copied. The logits equal those of a plain copy."""
+    with caplog.at_level(logging.INFO, logger="minicpm_server"):
+        mapped = load_checkpoint(tiny_dir, device="cpu", dtype="float32", form=LinearForm("mapped"))
+    assert "mapped and read where they are" in caplog.text
+    copied = load_checkpoint(tiny_dir, device="cpu", dtype="float32")
+    ranges = [
+        [int(bound, 16) for bound in line.split()[0].split("-")]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if str(tiny_dir.resolve()) in line
+    ]
+
+    def in_file(tensor: torch.Tensor) -> bool:
+        return any(low <= tensor.data_ptr() < high for low, high in ranges)
+
+    model = mapped.model
+    layer = model.model.layers[0]
+    assert in_file(model.model.embed_tokens.weight) and in_file(layer.self_attn.q_proj.weight)
+    assert in_file(layer.mlp.down_proj.weight)
+    assert not in_file(layer.input_layernorm.weight)  # copied
+    with torch.inference_mode():
+        ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+        assert torch.equal(model(input_ids=ids).logits, copied.model(input_ids=ids).logits)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="minicpm_server"):
+        load_checkpoint(tiny_dir, device="cpu", dtype="bfloat16", form=LinearForm("mapped"))
+    assert "weights: " in caplog.text and "mapped" not in caplog.text  # a float32 file converted: copies
 
 
 @needs_kernels

@@ -86,15 +86,17 @@ def context_window(settings: Settings, checkpoint_window: int) -> int:
 def linear_form(settings: Settings, device: str = "cpu") -> LinearForm:
     """What the native engine's linear layers become as they load (model/loading.py). int8 layers
     are quantized as they are read, whether compiled or not; compiling traces transformers'
-    forward over plain nn.Linear layers, so nothing is packed then; nor where our own CPU
-    kernels compute from the weights as stored (engine/native/kernels)."""
+    forward over plain nn.Linear layers, so nothing is packed then. Our own CPU kernels
+    (engine/native/kernels) read the weights as stored: they stay in the file's mapping."""
     from minicpm_server.model.loading import DENSE, LinearForm
 
     method = quantization(settings)
     if method is not None:
         return LinearForm(method, quantize_head=settings.quantize_head)
-    if settings.compile or (device == "cpu" and cpu_kernels_available()):
+    if settings.compile:
         return DENSE
+    if device == "cpu" and cpu_kernels_available():
+        return LinearForm("mapped")
     return LinearForm("packed", later=settings.packing == "after-start")
 
 

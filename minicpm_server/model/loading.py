@@ -47,7 +47,8 @@ class LoadReport:
 
     tensors: int = 0
     bytes_read: int = 0
-    bytes_mapped: int = 0  # layers left in the file's mapping, to be packed after start-up
+    bytes_mapped: int = 0  # tensors left in the file's mapping: served from it, or packed after start-up
+    mapped_for: str = "to pack after start-up"
     seconds: dict[str, float] = field(default_factory=dict)
 
     def add(self, phase: str, seconds: float) -> None:
@@ -55,7 +56,7 @@ class LoadReport:
 
     def summary(self) -> str:
         phases = ", ".join(f"{name} {value:.1f} s" for name, value in self.seconds.items())
-        mapped = f", {self.bytes_mapped / 1e9:.2f} GB mapped to pack after start-up" if self.bytes_mapped else ""
+        mapped = f", {self.bytes_mapped / 1e9:.2f} GB mapped {self.mapped_for}" if self.bytes_mapped else ""
         return f"{self.tensors} tensors, {self.bytes_read / 1e9:.2f} GB read{mapped} ({phases})"
 
 
@@ -197,6 +198,7 @@ def _linear_owner(model: Any, name: str) -> tuple[Any, str] | None:
 @dataclass(frozen=True)
 class LinearForm:
     """What the linear layers become as they are read: "dense" (a copy in the model's dtype),
+    "mapped" (our CPU kernels': the weights stay in the file's mapping, read where they are),
     "packed" (oneDNN's layout, CPU) or "int8" (weight-only int8, engine/native/quantized.py).
     int8 leaves the output head (and the embedding tied to it) dense unless `quantize_head`.
     Packed `later`: each layer keeps its view into the file's mapping, no copy, until the engine
@@ -207,12 +209,20 @@ class LinearForm:
     later: bool = False
 
     def converts(self, name: str) -> bool:
-        """Whether the linear layer whose weight is `name` takes this form."""
-        return self.kind != "dense" and (self.kind != "int8" or self.quantize_head or name != "lm_head.weight")
+        """Whether the linear layer whose weight is `name` takes this form (a module of its own)."""
+        return self.kind in ("packed", "int8") and (
+            self.kind != "int8" or self.quantize_head or name != "lm_head.weight"
+        )
+
+    def serves_mapped(self, view: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the model takes `view` itself, a view into the file's mapping, as its tensor:
+        with "mapped", every matrix (the linear layers and the embedding table) already in the
+        model's dtype; vectors (the norms) and anything converted are copied."""
+        return self.kind == "mapped" and view.dtype == dtype and view.dim() == 2 and view.is_contiguous()
 
     @property
     def phase(self) -> str:
-        if self.kind == "packed" and self.later:
+        if self.kind == "mapped" or (self.kind == "packed" and self.later):
             return "mapping"
         return {"packed": "packing", "int8": "quantizing"}.get(self.kind, "copying")
 
@@ -261,6 +271,7 @@ def stream_weights(
                 start = time.perf_counter()
                 linear = _linear_owner(model, name) if form.converts(name) else None
                 kept = linear is not None and form.keeps_view(view, dtype)  # computed from until packed
+                served = linear is None and form.serves_mapped(view, dtype)  # read where it is, for good
                 if linear is not None:
                     setattr(*linear, form.make(view, device, dtype))
                     if kept:
@@ -269,11 +280,16 @@ def stream_weights(
                 elif int8_table and name == "model.embed_tokens.weight":
                     _set_int8_table(model, form.make(view, device, dtype))
                     report.add(form.phase, time.perf_counter() - start)
+                elif served:
+                    _set_tensor(model, name, view)
+                    populate_pages(view)
+                    report.mapped_for = "and read where they are"
+                    report.add("mapping", time.perf_counter() - start)
                 else:
                     _set_tensor(model, name, copy_out(view, device, dtype))
                     report.add("copying", time.perf_counter() - start)
                 report.tensors += 1
-                if kept:
+                if kept or served:
                     report.bytes_mapped += view.numel() * view.element_size()
                 else:
                     report.bytes_read += view.numel() * view.element_size()

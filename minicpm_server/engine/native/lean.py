@@ -44,7 +44,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minicpm_server.engine.native.kernels import CpuProducts, KernelLinear, cpu_products, kernel_projection
+from minicpm_server.engine.native.kernels import (
+    CpuProducts,
+    KernelLinear,
+    KernelProjection,
+    cpu_products,
+    kernel_projection,
+)
 from minicpm_server.engine.native.packed import (
     PackedLinear,
     PackedProjection,
@@ -160,7 +166,7 @@ class LeanDecoder:
         ]
         self.packed = isinstance(self.layers[0].qkv, PackedProjection)
         self.quantized = isinstance(self.layers[0].qkv, Int8Linear)  # --quantization int8
-        self.kernels = isinstance(self.layers[0].qkv, KernelLinear)
+        self.kernels = isinstance(self.layers[0].qkv, (KernelLinear, KernelProjection))
         if isinstance(model.lm_head, Int8Linear):  # --quantize-head: one int8 table, head and tied embedding
             self.lm_head: Projection = model.lm_head
         elif (head := kernel_projection(model, ["lm_head"], products)) is not None:

@@ -7,8 +7,8 @@ a decode step is bound by: every step reads every weight once.
 
 On CPU with AVX2 the product is our own kernel (kernels/products.cpp): each int8 weight is
 widened to float32 in registers and multiplied by float32 activations, and the scales stay in
-float32. At the full-size shapes on the 2-core AVX2 CPU it took 5.0 ms per decoder layer at one
-row against 5.8 for PyTorch's kernel below, and 19 against 30 ms at 16 rows (BENCHMARKS.md).
+float32. At the full-size shapes on the 2-core AVX2 CPU it took 5.5 ms per decoder layer at one
+row against 6.7 for PyTorch's kernel below, and 20.5 against 33.9 ms at 16 rows (BENCHMARKS.md).
 
 Where our kernels are unavailable (no compiler, another CPU), the product is PyTorch's own
 weight-only int8 kernel, `torch.ops.aten._weight_int8pack_mm`

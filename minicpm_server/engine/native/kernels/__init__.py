@@ -4,14 +4,14 @@ Why: a decode step is nearly all matrix products over a few rows, so at one clie
 the speed the weights stream from memory. On the 2-core AVX2 benchmark machine (AMD EPYC,
 Zen 3), at MiniCPM-2B's shapes, per decoder layer (BENCHMARKS.md, "Our own CPU kernels"):
 
-* float32 at one row: 11.1 ms (22 GB/s) against oneDNN's packed product's 19.3 and MKL's 20.8;
+* float32 at one row: 11.7 ms (20.9 GB/s) against oneDNN's packed product's 18.8 and MKL's 20.7;
   llama.cpp's F32 decode reads its weights at about 16 GB/s on the same machine;
-* float32 at 16 rows: 26-29 ms against packed's 35.5; at 64-128 rows level with it, and at 512
-  rows (long prompts) 0.7x of it;
-* bfloat16 weights (widened to float32 in registers): 6.9 ms at one row, where PyTorch has no
-  fast bfloat16 product on AVX2 at all (oneDNN packs bfloat16 only with AVX512-BF16 or AMX);
-* int8 weights with a float32 scale per output: 5.0 ms at one row against PyTorch's
-  `_weight_int8pack_mm`'s 5.8, 19 ms at 16 rows against its 30.
+* float32 at 4-64 rows: 1.0-1.6x packed's speed; at 512 rows (long prompts) 0.87x of it;
+* bfloat16 weights (widened to float32 in registers): 7.7 ms at one row, where PyTorch has no
+  fast bfloat16 product on AVX2 (oneDNN packs bfloat16 only with AVX512-BF16 or AMX): 9.9 ms
+  at one row and 105 against our 23 at 16 rows;
+* int8 weights with a float32 scale per output: 5.5 ms at one row against PyTorch's
+  `_weight_int8pack_mm`'s 6.7, 20.5 against 33.9 ms at 16 rows.
 
 They read weights as checkpoints store them ([out, in], row-major), so nothing is re-laid out
 or copied: loading is a plain copy, and MiniCPM's output head reads the embedding table it is
@@ -25,7 +25,7 @@ from PyTorch's product: the engine says why once and uses PyTorch's products (pa
 before. `--no-cpu-kernels` (MINICPM_CPU_KERNELS=false) chooses those.
 
 The library links the same OpenMP runtime PyTorch loaded (libgomp.so.1, found already in the
-process), so its threads are PyTorch's threads and follow torch.set_num_threads.
+process), so its threads are PyTorch's threads; each call runs on torch.get_num_threads() of them.
 """
 
 from __future__ import annotations
@@ -129,16 +129,16 @@ class CpuProducts:
     """y = x @ W^T (times a scale per output for int8), W as stored: [out, in], row-major."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        pointer, size = ctypes.c_void_p, ctypes.c_long
+        pointer, size, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         self._by_dtype = {
             torch.float32: library.minicpm_product_f32,
             torch.bfloat16: library.minicpm_product_bf16,
         }
         for function in self._by_dtype.values():
-            function.argtypes = [pointer, size, size, pointer, size, pointer]
+            function.argtypes = [pointer, size, size, pointer, size, pointer, size, count]
             function.restype = None
         self._int8 = library.minicpm_product_int8
-        self._int8.argtypes = [pointer, size, size, pointer, pointer, size, pointer]
+        self._int8.argtypes = [pointer, size, size, pointer, pointer, size, pointer, size, count]
         self._int8.restype = None
 
     @staticmethod
@@ -153,23 +153,39 @@ class CpuProducts:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [..., out] from x [..., in] (any float dtype); `scales` (float32 [out]) for int8."""
-        out_features, in_features = weight.shape
+        rows = self.rows(x, weight.shape[1])
+        y = torch.empty((rows.shape[0], weight.shape[0]), dtype=torch.float32)
+        self.linear_into(y, rows, weight, scales)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+        """x as the kernels read it: float32 [rows, in], contiguous."""
         if x.shape[-1] != in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the weight takes {in_features}")
-        rows = x.reshape(-1, in_features).to(torch.float32).contiguous()
-        y = torch.empty((rows.shape[0], out_features), dtype=torch.float32)
+        return x.reshape(-1, in_features).to(torch.float32).contiguous()
+
+    def linear_into(
+        self, y: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None
+    ) -> None:
+        """y = rows @ W^T, written into `y` ([rows, out] float32, each row contiguous: a column
+        slice of a wider tensor will do) from `rows` as rows() gives them."""
+        out_features, in_features = weight.shape
+        if y.shape != (rows.shape[0], out_features) or y.dtype != torch.float32 or y.stride(-1) != 1:
+            raise ValueError(f"the output must be float32 {rows.shape[0]} x {out_features}, rows contiguous")
+        threads = torch.get_num_threads()
         if weight.dtype == torch.int8:
             if scales is None or scales.dtype != torch.float32 or not scales.is_contiguous():
                 raise ValueError("int8 weights need contiguous float32 scales")
             self._int8(
                 rows.data_ptr(), rows.shape[0], in_features, weight.data_ptr(), scales.data_ptr(), out_features,
-                y.data_ptr(),
+                y.data_ptr(), y.stride(0), threads,
             )  # fmt: skip
         else:
             self._by_dtype[weight.dtype](
-                rows.data_ptr(), rows.shape[0], in_features, weight.data_ptr(), out_features, y.data_ptr()
-            )
-        return y.view(*x.shape[:-1], out_features)
+                rows.data_ptr(), rows.shape[0], in_features, weight.data_ptr(), out_features, y.data_ptr(),
+                y.stride(0), threads,
+            )  # fmt: skip
 
     def check(self) -> None:
         """Compare each kernel with PyTorch's product on odd sizes (every tile and tail shape)."""
@@ -190,49 +206,58 @@ class CpuProducts:
 
 class KernelLinear(torch.nn.Module):
     """A bias-free linear layer computed by the kernels; `weight` ([out, in], float32 or
-    bfloat16) may be a view into a fused matrix or the embedding table a head is tied to."""
+    bfloat16) may be a view into the checkpoint's mapping, or the embedding table a head is
+    tied to."""
 
     def __init__(self, weight: torch.Tensor, products: CpuProducts) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, False)
+        if not products.supports(self.weight):
+            raise ValueError("these weights are not a layout the kernels read")
         self.products = products
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.products.linear(x, self.weight.detach()).to(x.dtype)
 
 
-def kernel_projection(parent: torch.nn.Module, names: list[str], products: CpuProducts | None) -> KernelLinear | None:
-    """The linear layers `parent.<name>` as one KernelLinear over their fused weights ([out, in],
-    outputs side by side), each layer replaced by a KernelLinear over its rows of it, so no
-    weight is held twice and transformers' forward (prefill) computes with the kernels too.
-    Layers an earlier decoder already gave the kernels stay as they are. None (nothing changed)
-    without `products`, or where a layer is not a plain bias-free nn.Linear the kernels take."""
+class KernelProjection:
+    """Several KernelLinear layers applied to the same input, outputs side by side (q/k/v,
+    gate/up): each product writes its columns of one output, so the weights need not be fused
+    into one matrix (a copy), and stay where they are: in the checkpoint's mapping, say."""
+
+    def __init__(self, parts: list[KernelLinear]) -> None:
+        self.parts = parts
+        self.products = parts[0].products
+        self.in_features = parts[0].in_features
+        self.out_features = sum(part.out_features for part in parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.products.rows(x, self.in_features)
+        y = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
+        start = 0
+        for part in self.parts:
+            end = start + part.out_features
+            self.products.linear_into(y[:, start:end], rows, part.weight.detach())
+            start = end
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def kernel_projection(
+    parent: torch.nn.Module, names: list[str], products: CpuProducts | None
+) -> KernelLinear | KernelProjection | None:
+    """The linear layers `parent.<name>` computed by the kernels: each replaced by a KernelLinear
+    over its own weight (no copy; transformers' forward, the prefill, then computes with the
+    kernels too), and one projection over all of them. Layers an earlier decoder already gave
+    the kernels stay as they are. None (nothing changed) without `products`, or where a layer is
+    not a plain bias-free nn.Linear the kernels take."""
     modules = [getattr(parent, name) for name in names]
-    if all(isinstance(m, KernelLinear) for m in modules):
-        return modules[0] if len(modules) == 1 else KernelLinear(_adjacent(modules), modules[0].products)
-    if products is None or not all(
-        type(m) is torch.nn.Linear and m.bias is None and products.supports(m.weight) for m in modules
-    ):
-        return None
-    weights = [m.weight.detach() for m in modules]
-    fused = weights[0] if len(weights) == 1 else torch.cat(weights)
-    start = 0
-    for name, module in zip(names, modules, strict=True):
-        rows = module.out_features
-        setattr(parent, name, KernelLinear(fused[start : start + rows], products))
-        start += rows
-    return getattr(parent, names[0]) if len(names) == 1 else KernelLinear(fused, products)
-
-
-def _adjacent(parts: list[KernelLinear]) -> torch.Tensor:
-    """The fused matrix whose consecutive row blocks are the parts' weights (kernel_projection
-    made them so)."""
-    first = parts[0].weight.detach()
-    address = first.data_ptr()
-    for part in parts:
-        if part.weight.data_ptr() != address or not part.weight.is_contiguous():
-            raise ValueError("these layers' weights are not consecutive rows of one matrix")
-        address += part.weight.numel() * part.weight.element_size()
-    rows = sum(part.out_features for part in parts)
-    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+    if not all(isinstance(m, KernelLinear) for m in modules):
+        if products is None or not all(
+            type(m) is torch.nn.Linear and m.bias is None and products.supports(m.weight) for m in modules
+        ):
+            return None
+        modules = [KernelLinear(m.weight, products) for m in modules]
+        for name, module in zip(names, modules, strict=True):
+            setattr(parent, name, module)
+    return modules[0] if len(modules) == 1 else KernelProjection(modules)

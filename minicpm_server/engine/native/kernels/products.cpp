@@ -2,7 +2,7 @@
 //
 // y[r, o] = scale[o] * sum_i x[r, i] * W[o, i]: x is float32 [rows, in], W is [out, in] as
 // checkpoints store it (float32, bfloat16, or int8 with a float32 scale per output), y is
-// float32 [rows, out]. Every weight is read once per call and widened to float32 in registers,
+// float32 [rows, out] with rows `ldy` apart. Every weight is read once per call and widened to float32 in registers,
 // so the product runs at the memory's speed for a few rows: a decode step is nearly all
 // products, and at one row it is bound by how fast the weights stream in.
 //
@@ -52,7 +52,7 @@ inline float horizontal_sum(__m256 v) {
 // OUTS weight rows against ROWS input rows: OUTS x ROWS dot products of length `in`.
 template <class W, int OUTS, int ROWS>
 inline __attribute__((always_inline)) void tile(const typename W::Weight* w, long in, const float* x, float* y,
-                                                long out, const float* scale) {
+                                                long ldy, const float* scale) {
   __m256 acc[OUTS][ROWS];
 #pragma GCC unroll 4
   for (int o = 0; o < OUTS; ++o)
@@ -73,32 +73,32 @@ inline __attribute__((always_inline)) void tile(const typename W::Weight* w, lon
   for (int o = 0; o < OUTS; ++o) {
     const float s = scale ? scale[o] : 1.0f;
 #pragma GCC unroll 4
-    for (int r = 0; r < ROWS; ++r) y[r * out + o] = horizontal_sum(acc[o][r]) * s;
+    for (int r = 0; r < ROWS; ++r) y[r * ldy + o] = horizontal_sum(acc[o][r]) * s;
   }
 }
 
 // Every input row against OUTS weight rows: groups of 3 rows, the last 4 as 2 + 2 (measured
 // faster than 3 + 1 at 4 rows).
 template <class W, int OUTS>
-inline void all_rows(const typename W::Weight* w, long in, const float* x, long rows, float* y, long out,
+inline void all_rows(const typename W::Weight* w, long in, const float* x, long rows, float* y, long ldy,
                      const float* scale) {
   long r = 0;
-  for (; rows - r >= 3 && rows - r != 4; r += 3) tile<W, OUTS, 3>(w, in, x + r * in, y + r * out, out, scale);
-  for (; rows - r >= 2; r += 2) tile<W, OUTS, 2>(w, in, x + r * in, y + r * out, out, scale);
-  if (r < rows) tile<W, OUTS, 1>(w, in, x + r * in, y + r * out, out, scale);
+  for (; rows - r >= 3 && rows - r != 4; r += 3) tile<W, OUTS, 3>(w, in, x + r * in, y + r * ldy, ldy, scale);
+  for (; rows - r >= 2; r += 2) tile<W, OUTS, 2>(w, in, x + r * in, y + r * ldy, ldy, scale);
+  if (r < rows) tile<W, OUTS, 1>(w, in, x + r * in, y + r * ldy, ldy, scale);
 }
 
 template <class W>
 void product(const float* x, long rows, long in, const typename W::Weight* w, const float* scales, long out,
-             float* y) {
+             float* y, long ldy, int threads) {
   const long tiles = (out + 3) / 4;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (long t = 0; t < tiles; ++t) {
     const long o = t * 4;
     if (o + 4 <= out) {
-      all_rows<W, 4>(w + o * in, in, x, rows, y + o, out, scales ? scales + o : nullptr);
+      all_rows<W, 4>(w + o * in, in, x, rows, y + o, ldy, scales ? scales + o : nullptr);
     } else {  // the last outputs when `out` is not a multiple of 4 (MiniCPM's vocabulary: 122,753)
-      for (long k = o; k < out; ++k) all_rows<W, 1>(w + k * in, in, x, rows, y + k, out, scales ? scales + k : nullptr);
+      for (long k = o; k < out; ++k) all_rows<W, 1>(w + k * in, in, x, rows, y + k, ldy, scales ? scales + k : nullptr);
     }
   }
 }
@@ -107,19 +107,24 @@ void product(const float* x, long rows, long in, const typename W::Weight* w, co
 
 extern "C" {
 
-int minicpm_products_version() { return 1; }
+int minicpm_products_version() { return 3; }
 
-void minicpm_product_f32(const float* x, long rows, long in, const float* w, long out, float* y) {
-  product<Float32>(x, rows, in, w, nullptr, out, y);
+// `ldy`: the distance between y's rows (outputs of several products side by side in one
+// tensor). `threads`: PyTorch's intra-op thread count, passed on each call because OpenMP's own
+// default is per calling thread, and the engine computes on a thread of its own.
+void minicpm_product_f32(const float* x, long rows, long in, const float* w, long out, float* y, long ldy,
+                         int threads) {
+  product<Float32>(x, rows, in, w, nullptr, out, y, ldy, threads);
 }
 
-void minicpm_product_bf16(const float* x, long rows, long in, const uint16_t* w, long out, float* y) {
-  product<BFloat16>(x, rows, in, w, nullptr, out, y);
+void minicpm_product_bf16(const float* x, long rows, long in, const uint16_t* w, long out, float* y, long ldy,
+                          int threads) {
+  product<BFloat16>(x, rows, in, w, nullptr, out, y, ldy, threads);
 }
 
 void minicpm_product_int8(const float* x, long rows, long in, const int8_t* w, const float* scales, long out,
-                          float* y) {
-  product<Int8>(x, rows, in, w, scales, out, y);
+                          float* y, long ldy, int threads) {
+  product<Int8>(x, rows, in, w, scales, out, y, ldy, threads);
 }
 
 }  // extern "C"

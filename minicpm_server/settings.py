@@ -158,9 +158,10 @@ class Settings(BaseSettings):
         True,
         description=_env(
             "cpu_kernels",
-            "native on x86-64 CPUs with AVX2: our own matrix products for float32, bfloat16 and int8 weights "
-            "(compiled once with the system's g++ into the cache; about 2 s). Off, or where they cannot be built: "
-            "PyTorch's products, with float32 layers packed for oneDNN (--packing).",
+            "native on x86-64 CPUs with AVX2: our own matrix products for float32, bfloat16 and int8 weights, "
+            "reading float32 and bfloat16 weights where they are, in the checkpoint file's mapping (compiled once "
+            "with the system's g++ into the cache; about 2 s). Off, or where they cannot be built: PyTorch's "
+            "products, with float32 layers packed for oneDNN (--packing).",
         ),
     )
     packing: Literal["after-start", "at-load"] = Field(

@@ -4,9 +4,11 @@ what the lean decoder computes with on CPU, without copying a weight."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.engine.native.quantized import Int8Linear, weight_bytes
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.loading import LinearForm
+from tests.harness import PROMPTS, greedy, result, run, submit
 
 BLOCK = 16
 buildable = shutil.which("g++") is not None and torch.backends.cpu.get_cpu_capability() in CAPABLE
@@ -177,7 +180,7 @@ def test_mapped_form_leaves_the_matrices_in_the_files_mapping(tiny_dir, caplog) 
     (the norms) are copied. The logits equal those of a plain copy."""
     with caplog.at_level(logging.INFO, logger="minicpm_server"):
         mapped = load_checkpoint(tiny_dir, device="cpu", dtype="float32", form=LinearForm("mapped"))
-    assert "mapped and read where they are" in caplog.text
+    assert "mapped and read where they are until copied after start-up" in caplog.text
     copied = load_checkpoint(tiny_dir, device="cpu", dtype="float32")
     ranges = [
         [int(bound, 16) for bound in line.split()[0].split("-")]
@@ -227,3 +230,29 @@ def test_int8_layers_use_the_kernel_with_float32_scales() -> None:
         assert torch.allclose(layer(x), got, rtol=1e-4, atol=1e-4)  # PyTorch's kernel, same scales
     finally:
         kernels.use_cpu_kernels(True)
+
+
+@needs_kernels
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_engine_copies_mapped_weights_after_its_first_step(tiny_dir) -> None:
+    """Served from the mapping at first, the weights are copied into memory of our own one
+    matrix at a time after the warm-up (DeferredPacking): the tied table once, for the head and
+    the embedding both, answers the same throughout, and no mapping of the file left."""
+    loaded = load_checkpoint(tiny_dir, device="cpu", dtype="float32", form=LinearForm("mapped"))
+
+    async def body(engine):
+        packing = engine.runner.packing
+        assert packing.total == 7 * len(loaded.model.model.layers) + 1  # and the tied table, last
+        assert packing.order[-1] is loaded.model.lm_head
+        first = await result(submit(engine, loaded, PROMPTS[0], greedy(6)))
+        deadline = time.monotonic() + 300
+        while packing.left and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        second = await result(submit(engine, loaded, PROMPTS[0], greedy(6)))
+        return first.text, second.text, packing.left
+
+    first, second, left = run(loaded, body)
+    assert left == 0 and first == second
+    model = loaded.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still one table
+    assert str(tiny_dir.resolve()) not in Path("/proc/self/maps").read_text()

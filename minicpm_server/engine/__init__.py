@@ -87,7 +87,8 @@ def linear_form(settings: Settings, device: str = "cpu") -> LinearForm:
     """What the native engine's linear layers become as they load (model/loading.py). int8 layers
     are quantized as they are read, whether compiled or not; compiling traces transformers'
     forward over plain nn.Linear layers, so nothing is packed then. Our own CPU kernels
-    (engine/native/kernels) read the weights as stored: they stay in the file's mapping."""
+    (engine/native/kernels) read the weights as stored: from the file's mapping until the
+    engine copies them after start-up (--packing after-start), or copied as read (at-load)."""
     from minicpm_server.model.loading import DENSE, LinearForm
 
     method = quantization(settings)
@@ -95,8 +96,8 @@ def linear_form(settings: Settings, device: str = "cpu") -> LinearForm:
         return LinearForm(method, quantize_head=settings.quantize_head)
     if settings.compile:
         return DENSE
-    if device == "cpu" and cpu_kernels_available():
-        return LinearForm("mapped")
+    if device == "cpu" and cpu_kernels_available():  # read as stored: mapped, copied after start-up; or copied now
+        return LinearForm("mapped") if settings.packing == "after-start" else DENSE
     return LinearForm("packed", later=settings.packing == "after-start")
 
 

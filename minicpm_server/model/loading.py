@@ -40,6 +40,10 @@ import torch
 
 log = logging.getLogger("minicpm_server")
 
+# Marks a parameter that is a view into the checkpoint's mapping ("mapped" form): the engine
+# copies it into memory of its own after start-up (engine/native/kernels, KernelLinear).
+IN_MAPPING = "in_mapping"
+
 
 @dataclass
 class LoadReport:
@@ -282,8 +286,9 @@ def stream_weights(
                     report.add(form.phase, time.perf_counter() - start)
                 elif served:
                     _set_tensor(model, name, view)
+                    setattr(model.get_parameter(name), IN_MAPPING, True)
                     populate_pages(view)
-                    report.mapped_for = "and read where they are"
+                    report.mapped_for = "and read where they are until copied after start-up"
                     report.add("mapping", time.perf_counter() - start)
                 else:
                     _set_tensor(model, name, copy_out(view, device, dtype))

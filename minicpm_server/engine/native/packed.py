@@ -86,6 +86,9 @@ class PackedLinear(torch.nn.Module):
     DeferredPacking); `on_packed(weight)` runs once packing has read it (loading releases the
     file mapping's pages there)."""
 
+    # DeferredPacking's log line when every layer is done
+    SETTLED = "packed {} linear layers for oneDNN"
+
     def __init__(
         self,
         weight: torch.Tensor,
@@ -165,7 +168,9 @@ class DeferredPacking:
     packed's 13.6, at 16 rows 5.6 against 6.5, so the first requests are slower, prompts most.
     Packed and dense products differ in float rounding only (~1e-5 on the logits)."""
 
-    def __init__(self, layers: list[PackedLinear]) -> None:
+    def __init__(self, layers: list[Any]) -> None:
+        """`layers`: PackedLinear, or anything with `is_packed`, `pack_now()` and a SETTLED
+        message (kernels.KernelLinear, whose "packing" is a copy out of the file's mapping)."""
         self.order = [layer for layer in layers if not layer.is_packed]
         self.waiting = deque(self.order)
         self.total = len(self.order)
@@ -189,7 +194,7 @@ class DeferredPacking:
             return False
         self.seconds += time.perf_counter() - start
         if not self.waiting:
-            log.info("packed %d linear layers for oneDNN after start-up in %.1f s", self.total, self.seconds)
+            log.info("%s after start-up in %.1f s", self.order[0].SETTLED.format(self.total), self.seconds)
         return bool(self.waiting)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from minicpm_server.engine.native.blocks import NULL_BLOCK, blocks_for
 from minicpm_server.engine.native.compiled import CompiledDecode
+from minicpm_server.engine.native.kernels import KernelLinear
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.logprobs import score_prompt, token_logprobs
 from minicpm_server.engine.native.mixed import MixedStep, prompt_part
@@ -158,7 +159,7 @@ class ModelRunner:
         # Layers loaded to be packed after start-up (model/loading.py) in the model's order, so the
         # output head's copy comes last: dense, the full-size head took 86 ms at one row against
         # 72 packed and the same at 4 rows, while the layers' prompts are 2-3x slower dense.
-        self.packing = DeferredPacking([m for m in model.modules() if isinstance(m, PackedLinear)])
+        self.packing = DeferredPacking([m for m in model.modules() if isinstance(m, (PackedLinear, KernelLinear))])
         self.max_batch = max_batch
         self._bitmask: torch.Tensor | None = None  # grammar masks, one row per batch row (engine/grammar.py)
         self.shared_generator = torch.Generator(device=self.device)

@@ -185,8 +185,12 @@ def one_request(server: Server, url: str, prompts: Prompts, new_tokens: int) -> 
     return first - start, (new_tokens - 1) / max(end - first, 1e-9)
 
 
-DEFERRED = "mapped to pack after start-up"  # our weights line when layers are packed after start-up
-PACKED = "linear layers for oneDNN after start-up in"  # ... and the line once they all are
+# Our weights line when layers are packed (oneDNN) or copied (our kernels) after start-up: "...
+# mapped to pack after start-up (...)", "... mapped and read where they are until copied after
+# start-up (...)"; and the line once they all are: "packed N linear layers for oneDNN after
+# start-up in X s", "copied N weight matrices out of the checkpoint's mapping after start-up in X s".
+DEFERRED = "after start-up ("
+PACKED = "after start-up in "
 
 
 def wait_settled(log_file: Path, proc: subprocess.Popen, started_wall: float, timeout: float = 900) -> float | None:

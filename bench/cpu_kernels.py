@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.quant_kernels import int8_weights
 from minicpm_server.engine.native.kernels import cpu_products
 
 LAYER = ((2304, 6912), (2304, 2304), (2304, 11520), (5760, 2304))  # (in, out) per product
@@ -38,8 +39,7 @@ Product = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    q, scales = int8_weights(weight)
     return q, scales.to(scale_dtype)
 
 

@@ -83,7 +83,7 @@ def context_window(settings: Settings, checkpoint_window: int) -> int:
     return min(checkpoint_window, settings.max_model_len or checkpoint_window)
 
 
-def linear_form(settings: Settings, device: str = "cpu") -> LinearForm:
+def linear_form(settings: Settings, device: str) -> LinearForm:
     """What the native engine's linear layers become as they load (model/loading.py). int8 layers
     are quantized as they are read, whether compiled or not; compiling traces transformers'
     forward over plain nn.Linear layers, so nothing is packed then. Our own CPU kernels

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from minicpm_server.model.loading import IN_MAPPING, release_pages
+
 log = logging.getLogger("minicpm_server.engine.native.kernels")
 
 SOURCE = Path(__file__).with_name("products.cpp")
@@ -227,8 +229,6 @@ class KernelLinear(torch.nn.Module):
     @property
     def is_packed(self) -> bool:
         """Whether the weight is in memory of our own (named for DeferredPacking's protocol)."""
-        from minicpm_server.model.loading import IN_MAPPING
-
         return not getattr(self.weight, IN_MAPPING, False)
 
     def pack_now(self) -> None:
@@ -238,12 +238,8 @@ class KernelLinear(torch.nn.Module):
         reads the copy too. Idempotent."""
         if self.is_packed:
             return
-        from minicpm_server.model.loading import IN_MAPPING, release_pages
-
         view = self.weight.data
-        copy = torch.empty_like(view)
-        copy.copy_(view)
-        self.weight.data = copy
+        self.weight.data = view.clone()
         delattr(self.weight, IN_MAPPING)
         release_pages(view)
 

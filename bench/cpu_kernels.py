@@ -9,10 +9,13 @@ from memory and not from the cache (6 float32 layers are 1.5 GB). Candidates:
 * f32 packed:     oneDNN on weights re-packed once (packed.py; the float32 path without our kernels)
 * f32 dense:      x @ W.t(), PyTorch's default CPU product (MKL) on the weights as stored
 * ours f32:       our kernel on the float32 weights as stored
-* ours bf16:      our kernel on bfloat16 weights (float32 activations and arithmetic)
+* ours bf16:      our kernel on bfloat16 weights (float32 activations and arithmetic), tiled as
+                  the engine lays them out after start-up (kernels.tiled())
+* ours bf16 rows: the same on the weights in rows ([out, in], as stored)
 * bf16 dense:     PyTorch's product on bfloat16 weights and activations (no oneDNN packing on AVX2)
 * int8 pack_mm:   PyTorch's weight-only int8 kernel, bfloat16 activations (the int8 path without ours)
-* ours int8:      our kernel on int8 weights with float32 scales
+* ours int8:      our kernel on int8 weights with float32 scales, tiled as quantized
+* ours int8 rows: the same in rows
 
     python -m bench.cpu_kernels                          # rows 1,4,16; 6 layers; 3 rounds
     python -m bench.cpu_kernels --rows 1,16,64,512 --candidates "f32 packed,ours f32"
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.quant_kernels import int8_weights
-from minicpm_server.engine.native.kernels import cpu_products
+from minicpm_server.engine.native.kernels import cpu_products, tiled
 
 LAYER = ((2304, 6912), (2304, 2304), (2304, 11520), (5760, 2304))  # (in, out) per product
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -73,15 +76,31 @@ def candidates() -> dict[str, Callable[[torch.Tensor], tuple[Product, int]]]:
         def ours_f32(w: torch.Tensor) -> tuple[Product, int]:
             return (lambda x: ours.linear(x, w)), w.nbytes
 
-        def ours_bf16(w: torch.Tensor) -> tuple[Product, int]:
-            b = w.to(torch.bfloat16)
-            return (lambda x: ours.linear(x, b)), b.nbytes
+        def ours_bf16(layout: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[Product, int]]:
+            def make(w: torch.Tensor) -> tuple[Product, int]:
+                b = layout(w.to(torch.bfloat16))
+                return (lambda x: ours.linear(x, b)), b.nbytes
 
-        def ours_int8(w: torch.Tensor) -> tuple[Product, int]:
-            q, s = _int8(w, torch.float32)
-            return (lambda x: ours.linear(x, q, s)), q.nbytes
+            return make
 
-        found |= {"ours f32": ours_f32, "ours bf16": ours_bf16, "ours int8": ours_int8}
+        def ours_int8(layout: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[Product, int]]:
+            def make(w: torch.Tensor) -> tuple[Product, int]:
+                q, s = _int8(w, torch.float32)
+                q = layout(q)
+                return (lambda x: ours.linear(x, q, s)), q.nbytes
+
+            return make
+
+        def rows(w: torch.Tensor) -> torch.Tensor:
+            return w
+
+        found |= {
+            "ours f32": ours_f32,
+            "ours bf16": ours_bf16(tiled),
+            "ours bf16 rows": ours_bf16(rows),
+            "ours int8": ours_int8(tiled),
+            "ours int8 rows": ours_int8(rows),
+        }
     return found
 
 
@@ -129,7 +148,7 @@ def main() -> None:
             seconds = statistics.median(samples[name])
             speed = f"  {base / seconds:5.2f}x f32 packed" if base else ""
             print(
-                f"rows {rows:4d}  {name:13s} {seconds * 1e3:8.2f} ms/layer  "
+                f"rows {rows:4d}  {name:14s} {seconds * 1e3:8.2f} ms/layer  "
                 f"{built[name][1] / seconds / 1e9:5.1f} GB/s{speed}",
                 flush=True,
             )

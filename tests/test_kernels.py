@@ -18,8 +18,9 @@ from minicpm_server.engine.native import kernels
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.kernels import CAPABLE, KernelLinear, KernelProjection, cpu_products
 from minicpm_server.engine.native.lean import LeanDecoder
+from minicpm_server.engine.native.packed import DeferredPacking
 from minicpm_server.engine.native.paged import PagedKVCache
-from minicpm_server.engine.native.quantized import Int8Linear, weight_bytes
+from minicpm_server.engine.native.quantized import Int8Embedding, Int8Linear, fuse, weight_bytes
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.loading import LinearForm
 from tests.harness import PROMPTS, greedy, result, run, submit
@@ -218,11 +219,15 @@ def test_lean_decoder_without_kernels_when_asked(tiny_dir) -> None:
 
 
 @needs_kernels
-def test_int8_layers_use_the_kernel_with_float32_scales() -> None:
+@pytest.mark.parametrize("inner", [64, 72])
+def test_int8_layers_use_the_kernel_with_float32_scales(inner: int) -> None:
+    """64 wide: tiled as quantized (kernels.tiled()); 72: not a whole block, left in rows. Switched
+    off afterwards, rows go to PyTorch's kernel and tiled weights still to ours."""
     generator = torch.Generator().manual_seed(3)
-    layer = Int8Linear.from_weight(torch.randn(40, 64, generator=generator), torch.float32)
+    layer = Int8Linear.from_weight(torch.randn(40, inner, generator=generator), torch.float32)
     assert layer.scales.dtype == torch.float32  # our kernel keeps them exact; PyTorch's wants bfloat16
-    x = torch.randn(5, 64, generator=generator)
+    assert layer.tiled == (inner == 64) and layer.dequantized().shape == (40, inner)
+    x = torch.randn(5, inner, generator=generator)
     got = layer(x)
     assert torch.allclose(got, x @ layer.dequantized().t(), rtol=1e-4, atol=1e-4)
     kernels.use_cpu_kernels(False)
@@ -230,6 +235,79 @@ def test_int8_layers_use_the_kernel_with_float32_scales() -> None:
         assert torch.allclose(layer(x), got, rtol=1e-4, atol=1e-4)  # PyTorch's kernel, same scales
     finally:
         kernels.use_cpu_kernels(True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize(("out", "inner"), [(4, 64), (12, 128), (124, 2304)])
+def test_the_tiled_layout_gives_the_same_bits(dtype: torch.dtype, out: int, inner: int) -> None:
+    """Tiled weights (4 outputs, a cache line of each in turn) are summed in the same order as
+    rows: every row count gives the same bits, written into a column slice too."""
+    products = cpu_products()
+    generator = torch.Generator().manual_seed(out + inner)
+    weight, scales = stored(dtype, out, inner, generator)
+    tiles = kernels.tiled(weight)
+    assert kernels.is_tiled(tiles) and kernels.matrix_shape(tiles) == (out, inner) and products.supports(tiles)
+    assert torch.equal(kernels.untiled(tiles), weight)
+    for rows in (1, 2, 3, 4, 5, 7, 16):
+        x = torch.randn(rows, inner, generator=generator)
+        assert torch.equal(products.linear(x, tiles, scales), products.linear(x, weight, scales))
+    wide = torch.zeros(rows, out + 3)
+    products.linear_into(wide[:, 3:], products.rows(x, inner), tiles, scales)
+    assert torch.equal(wide[:, 3:], products.linear(x, weight, scales)) and not wide[:, :3].any()
+
+
+def test_only_whole_tiles_are_tiled() -> None:
+    assert kernels.can_tile(torch.ones(8, 64, dtype=torch.int8))
+    assert not kernels.can_tile(torch.ones(6, 64, dtype=torch.int8))  # not a multiple of 4 outputs
+    assert not kernels.can_tile(torch.ones(8, 32, dtype=torch.int8))  # not a whole 64-byte block
+    assert kernels.can_tile(torch.ones(8, 32, dtype=torch.bfloat16))
+    assert not kernels.can_tile(torch.ones(8, 64))  # float32 rows stay rows
+    with pytest.raises(ValueError, match="no tiled layout"):
+        kernels.tiled(torch.ones(6, 64, dtype=torch.int8))
+
+
+@needs_kernels
+def test_tiled_int8_parts_fuse_and_a_table_read_by_rows_is_not_tiled() -> None:
+    generator = torch.Generator().manual_seed(5)
+    parts = [Int8Linear.from_weight(torch.randn(rows, 128, generator=generator), torch.float32) for rows in (8, 12)]
+    x = torch.randn(3, 128, generator=generator)
+    alone = [part(x) for part in parts]
+    fused = fuse(parts)
+    assert fused.tiled and all(part.tiled for part in parts)
+    assert torch.equal(fused(x), torch.cat(alone, dim=-1))
+    assert all(torch.equal(part(x), y) for part, y in zip(parts, alone, strict=True))  # slices of the fused
+    with pytest.raises(ValueError, match="by rows"):
+        Int8Embedding(parts[0])
+    table = Int8Linear.from_weight(torch.randn(8, 128, generator=generator), torch.float32, tile=False)
+    assert not table.tiled and Int8Embedding(table)(torch.tensor([1, 2])).shape == (2, 128)
+
+
+@needs_kernels
+def test_bfloat16_layers_are_tiled_after_start_up(tiny_dir, caplog) -> None:
+    """bfloat16 layers start in rows (converted from the float32 file as read) and are laid out
+    in tiles between steps (DeferredPacking); the tied head stays the embedding table, in rows.
+    The logits do not move by a bit."""
+    model = load_checkpoint(tiny_dir, device="cpu", dtype="bfloat16").model
+    lean = lean_decoder(model)
+    layers = [m for m in model.modules() if isinstance(m, KernelLinear)]
+    waiting = [layer for layer in layers if not layer.is_packed]
+    assert len(waiting) == 7 * len(model.model.layers) and model.lm_head not in waiting
+    assert "tiled layout" in waiting[0].SETTLED
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        packing = DeferredPacking(layers)
+        with caplog.at_level(logging.INFO, logger="minicpm_server"):
+            while packing.pack_next():
+                pass
+        after = model(input_ids=ids).logits
+    assert f"copied {len(waiting)} weight matrices into our kernels' tiled layout" in caplog.text
+    assert all(layer.is_packed for layer in layers)
+    assert kernels.is_tiled(model.model.layers[0].mlp.down_proj.weight)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dim() == 2
+    assert torch.equal(before, after)
+    assert lean.kernels
 
 
 @needs_kernels

@@ -23,7 +23,7 @@ import pytest
 import requests
 import torch
 
-from minicpm_server.engine import check_quantization
+from minicpm_server.engine import check_quantization, linear_form
 from minicpm_server.engine.native import kernels as kernels_module
 from minicpm_server.engine.native import packed as packed_module
 from minicpm_server.engine.native import quantized as quantized_module
@@ -35,16 +35,19 @@ from minicpm_server.engine.native.paged import PagedKVCache
 from minicpm_server.engine.native.quantized import (
     Int8Embedding,
     Int8Linear,
+    TableEmbedding,
     packed_int8_product,
     quantize_int8,
     quantize_linear,
     quantize_model,
+    table_in,
     weight_bytes,
     widening_product,
 )
 from minicpm_server.exceptions import StartupError
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.loading import LinearForm
+from minicpm_server.settings import Settings
 from tests.harness import PROMPTS, REPO, greedy, result, run, submit
 from tests.test_lean import BLOCK, decoder_pair, step_inputs
 
@@ -192,6 +195,36 @@ def test_int8_lean_step_matches_transformers_forward(tiny_dir, monkeypatch: pyte
             assert torch.allclose(lean(*inputs), eager(*inputs), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.skipif(cpu_products() is None, reason="needs our CPU kernels (g++ and AVX2)")
+def test_int8_keeps_the_tied_table_in_bfloat16_on_cpu(tiny_dir) -> None:
+    """What the server loads for --quantization int8 on CPU: the embedding table the head is tied
+    to is read in bfloat16, once; the embedding returns float32 rows and the head, our kernel over
+    the same table, float32 logits. The same as converting a loaded int8 model, and within
+    bfloat16's rounding of the model with a float32 table."""
+    settings = Settings(model_path=tiny_dir, device="cpu", quantization="int8")
+    form = linear_form(settings, "cpu")
+    assert form.table_dtype == torch.bfloat16
+    assert linear_form(settings.model_copy(update={"quantize_head": True}), "cpu").table_dtype is None
+    model = load_checkpoint(tiny_dir, device="cpu", dtype="float32", form=form).model
+    embedding, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(embedding, TableEmbedding) and isinstance(head, KernelLinear)
+    assert head.weight is embedding.weight and head.weight.dtype == torch.bfloat16 and not head.tile
+    assert embedding(torch.tensor([3, 4])).dtype == torch.float32
+    late = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    quantize_model(late, head=False)
+    with torch.inference_mode():
+        float32_table = late(input_ids=IDS).logits
+        assert table_in(late, torch.bfloat16)
+        logits = model(input_ids=IDS).logits
+        assert logits.dtype == torch.float32 and torch.equal(logits, late(input_ids=IDS).logits)
+    assert torch.allclose(logits, float32_table, atol=3e-2, rtol=3e-2)
+    assert not table_in(late, torch.bfloat16)  # once: the head is no longer a plain tied nn.Linear
+    shape = KvShape.of(model)
+    cache = PagedKVCache(shape.num_layers, 64 * BLOCK + 1, shape.kv_heads, shape.head_dim, shape.dtype, model.device)
+    lean = LeanDecoder(model, cache, BLOCK)
+    assert lean.quantized and lean.lm_head is head and lean.embed_tokens is embedding
+
+
 def test_int8_engine_answers_alone_and_batched_alike(tiny_dir) -> None:
     loaded = load_checkpoint(tiny_dir, device="cpu", dtype="float32")
     quantize_model(loaded.model)
@@ -257,4 +290,5 @@ def test_server_serves_int8(start_server, tiny_dir) -> None:
     tags = requests.get(server.url + "/api/tags", timeout=30).json()["models"][0]
     assert tags["details"]["quantization_level"] == "INT8"
     assert "int8 weights" in server.log() and "quantizing" in server.log()  # quantized as read
-    assert "output head in torch.float32" in server.log()  # not quantized without --quantize-head
+    # not quantized without --quantize-head; in bfloat16 where our CPU kernels read it (quantized.table_in)
+    assert f"output head in torch.{'bfloat16' if cpu_products() else 'float32'}" in server.log()

@@ -89,11 +89,14 @@ def linear_form(settings: Settings, device: str) -> LinearForm:
     forward over plain nn.Linear layers, so nothing is packed then. Our own CPU kernels
     (engine/native/kernels) read the weights as stored: from the file's mapping until the
     engine copies them after start-up (--packing after-start), or copied as read (at-load)."""
+    import torch
+
     from minicpm_server.model.loading import DENSE, LinearForm
 
     method = quantization(settings)
-    if method is not None:
-        return LinearForm(method, quantize_head=settings.quantize_head)
+    if method is not None:  # int8 on CPU with our kernels: a float32 model's tied table in bfloat16 (quantized.py)
+        half = method == "int8" and device == "cpu" and not settings.quantize_head and cpu_kernels_available()
+        return LinearForm(method, quantize_head=settings.quantize_head, table_dtype=torch.bfloat16 if half else None)
     if settings.compile:
         return DENSE
     if device == "cpu" and cpu_kernels_available():  # read as stored: mapped, copied after start-up; or copied now

@@ -211,6 +211,12 @@ class LinearForm:
     kind: str = "dense"
     quantize_head: bool = False
     later: bool = False
+    # int8 on CPU with our kernels: a float32 model's tied table (embedding and head) in bfloat16 (quantized.py)
+    table_dtype: torch.dtype | None = None
+
+    def table(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of a tied embedding table in a model computing in `dtype`."""
+        return self.table_dtype if self.table_dtype is not None and dtype == torch.float32 else dtype
 
     def converts(self, name: str) -> bool:
         """Whether the linear layer whose weight is `name` takes this form (a module of its own)."""
@@ -234,7 +240,10 @@ class LinearForm:
         """Whether the layer made from `view` computes from the file's mapping for now."""
         return self.kind == "packed" and self.later and view.dtype == dtype
 
-    def make(self, view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    def make(
+        self, view: torch.Tensor, device: torch.device, dtype: torch.dtype, *, tile: bool = True
+    ) -> torch.nn.Module:
+        """The layer made from `view`; `tile=False`: an int8 table the embedding also reads by rows."""
         if self.kind == "packed":
             from minicpm_server.engine.native.packed import PackedLinear
 
@@ -244,7 +253,7 @@ class LinearForm:
             return PackedLinear(view if view.dtype == dtype else view.to(dtype), later=self.later)
         from minicpm_server.engine.native.quantized import Int8Linear
 
-        return Int8Linear.from_weight(view, dtype, device)
+        return Int8Linear.from_weight(view, dtype, device, tile=tile)
 
 
 DENSE = LinearForm()  # every layer a plain copy in the model's dtype
@@ -282,7 +291,7 @@ def stream_weights(
                         populate_pages(view)
                     report.add(form.phase, time.perf_counter() - start)
                 elif int8_table and name == "model.embed_tokens.weight":
-                    _set_int8_table(model, form.make(view, device, dtype))
+                    _set_int8_table(model, form.make(view, device, dtype, tile=False))
                     report.add(form.phase, time.perf_counter() - start)
                 elif served:
                     _set_tensor(model, name, view)
@@ -291,7 +300,8 @@ def stream_weights(
                     report.mapped_for = "and read where they are until copied after start-up"
                     report.add("mapping", time.perf_counter() - start)
                 else:
-                    _set_tensor(model, name, copy_out(view, device, dtype))
+                    table = tied and name == "model.embed_tokens.weight"
+                    _set_tensor(model, name, copy_out(view, device, form.table(dtype) if table else dtype))
                     report.add("copying", time.perf_counter() - start)
                 report.tensors += 1
                 if kept or served:
@@ -333,6 +343,10 @@ def load_streaming(
     stream_weights(model, weight_files, device, dtype, report, form=form)
     if config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight  # MiniCPM stores only the embedding
+        if form.table(dtype) != dtype:
+            from minicpm_server.engine.native.quantized import table_in
+
+            table_in(model, form.table(dtype))  # already in that dtype: the modules that read it
     _rebuild_buffers(model, device)
     model.eval()
     return_freed_memory()

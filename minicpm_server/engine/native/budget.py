@@ -35,7 +35,11 @@ class KvShape:
     def of(cls, model) -> KvShape:
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, next(model.parameters()).dtype)
+        # the dtype the model computes in: its final norm's (the first parameter, the embedding
+        # table, may be bfloat16 in a float32 model under int8: quantized.table_in)
+        norm = getattr(getattr(model, "model", None), "norm", None)
+        dtype = norm.weight.dtype if norm is not None else next(model.parameters()).dtype
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype)
 
     @property
     def bytes_per_token(self) -> int:

@@ -169,7 +169,7 @@ class LeanDecoder:
         self.kernels = isinstance(self.layers[0].qkv, (KernelLinear, KernelProjection))
         if isinstance(model.lm_head, Int8Linear):  # --quantize-head: one int8 table, head and tied embedding
             self.lm_head: Projection = model.lm_head
-        elif (head := kernel_projection(model, ["lm_head"], products)) is not None:
+        elif (head := kernel_projection(model, ["lm_head"], products, tile=False)) is not None:
             self.lm_head = head  # the tied embedding table itself, read as stored: no copy
         elif self.packed or (self.quantized and packs_weights(device, config.hidden_size, inner.norm.weight.dtype)):
             # a packed copy (int8 layers too: float32 head): the embedding table stays dense for its row lookups;
@@ -184,7 +184,7 @@ class LeanDecoder:
         self.embed_tokens = inner.embed_tokens  # a module: dense nn.Embedding, or int8 lookups
         self.norm = inner.norm.weight
         if self.quantized:
-            head = "int8" if isinstance(model.lm_head, Int8Linear) else f"{self.norm.dtype} ({self._head_form()})"
+            head = "int8" if isinstance(model.lm_head, Int8Linear) else f"{self._head_dtype()} ({self._head_form()})"
             log.info("decode step: lean, int8 weights (quantized.py), output head in %s", head)
         elif self.kernels:
             log.info(
@@ -204,6 +204,10 @@ class LeanDecoder:
             log.info("decode step: lean, %s weights", "input-major" if on_cpu else "fused")
             warn_if_slow_half_precision(device, config.hidden_size, inner.norm.weight.dtype)
         self.cos, self.sin = self._rotary_table(inner.rotary_emb, config.max_position_embeddings)
+
+    def _head_dtype(self) -> torch.dtype:
+        weight = getattr(self.lm_head, "weight", None)  # a KernelLinear's (a bfloat16 table under int8)
+        return weight.dtype if isinstance(weight, torch.Tensor) else self.norm.dtype
 
     def _head_form(self) -> str:
         if isinstance(self.lm_head, KernelLinear):

@@ -7,8 +7,11 @@ a decode step is bound by: every step reads every weight once.
 
 On CPU with AVX2 the product is our own kernel (kernels/products.cpp): each int8 weight is
 widened to float32 in registers and multiplied by float32 activations, and the scales stay in
-float32. At the full-size shapes on the 2-core AVX2 CPU it took 5.5 ms per decoder layer at one
-row against 6.7 for PyTorch's kernel below, and 20.5 against 33.9 ms at 16 rows (BENCHMARKS.md).
+float32. The int8 values are laid out in the kernel's tiles (kernels.tiled(): 4 outputs, 64
+weights of each in turn) as they are quantized, unless a table is also read by rows (the tied
+embedding under --quantize-head). At the full-size shapes on the 2-core AVX2 CPU that took 5.5
+ms per decoder layer at one row against 6.7 for PyTorch's kernel below (rows), and 20.5 against
+33.9 ms at 16 rows; tiled, 1.38x faster than rows at one row (BENCHMARKS.md).
 
 Where our kernels are unavailable (no compiler, another CPU), the product is PyTorch's own
 weight-only int8 kernel, `torch.ops.aten._weight_int8pack_mm`
@@ -43,7 +46,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minicpm_server.engine.native.kernels import cpu_products
+from minicpm_server.engine.native.kernels import (
+    built_products,
+    can_tile,
+    cpu_products,
+    is_tiled,
+    matrix_shape,
+    tiled,
+    untiled,
+)
 from minicpm_server.model.loading import return_freed_memory
 
 log = logging.getLogger("minicpm_server.engine.native.quantized")
@@ -88,46 +99,58 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
 
 
 class Int8Linear(torch.nn.Module):
-    """A bias-free linear layer over int8 weights and per-channel scales."""
+    """A bias-free linear layer over int8 weights and per-channel scales. `qweight` is [out, in],
+    or in our CPU kernel's tiled layout (kernels.tiled()), which only that kernel reads."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, output_dtype: torch.dtype) -> None:
         super().__init__()
-        self.out_features, self.in_features = qweight.shape
+        self.out_features, self.in_features = matrix_shape(qweight)
         self.output_dtype = output_dtype  # what the model computes in (the layer's input dtype)
         self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: torch.nn.Linear, *, tile: bool = True) -> Int8Linear:
         if linear.bias is not None:
             raise ValueError("int8 quantization here is for bias-free linear layers (MiniCPM has no biases)")
-        return cls.from_weight(linear.weight, linear.weight.dtype)
+        return cls.from_weight(linear.weight, linear.weight.dtype, tile=tile)
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, model_dtype: torch.dtype, device: torch.device | None = None
+        cls, weight: torch.Tensor, model_dtype: torch.dtype, device: torch.device | None = None, *, tile: bool = True
     ) -> Int8Linear:
         """From a weight matrix [out, in] (a view into a mapped checkpoint will do: model/loading.py
         quantizes each matrix as it reads it), for a model computing in `model_dtype`, on `device`
-        (default: the weight's)."""
+        (default: the weight's). With our CPU kernel, float32 scales and (`tile`, where the shape
+        allows) its tiled layout; `tile=False` for a table the embedding also reads by rows."""
         target = device or weight.device
         ours = target.type == "cpu" and cpu_products() is not None  # our kernel takes float32 scales
         qweight, scales = quantize_int8(weight, torch.float32 if ours else activation_dtype(model_dtype))
         if device is not None and device != qweight.device:
             qweight, scales = qweight.to(device), scales.to(device)
+        if ours and tile and can_tile(qweight):
+            qweight = tiled(qweight)
         return cls(qweight, scales, model_dtype)
 
+    @property
+    def tiled(self) -> bool:
+        return is_tiled(self.qweight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.qweight.is_cuda and (products := cpu_products()) is not None and products.supports(self.qweight):
-            return products.linear(x, self.qweight, self.scales.float()).to(x.dtype)
+        tiled_weights = self.tiled
+        if tiled_weights or not self.qweight.is_cuda:
+            # tiled weights were made for the kernel, so it is there (even if switched off since)
+            products = cpu_products() or (built_products() if tiled_weights else None)
+            if products is not None and products.supports(self.qweight):
+                return products.linear(x, self.qweight, self.scales.float()).to(x.dtype)
         flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
         product = widening_product if self.qweight.is_cuda else packed_int8_product
         y = product(flat, self.qweight, self.scales)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        """W as the kernel sees it, in float32 (tests and accuracy checks)."""
-        return self.qweight.float() * self.scales.float()[:, None]
+        """W as the kernel sees it, in float32 [out, in] (tests and accuracy checks)."""
+        return untiled(self.qweight).float() * self.scales.float()[:, None]
 
 
 def packed_int8_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -145,11 +168,55 @@ class Int8Embedding(torch.nn.Module):
 
     def __init__(self, table: Int8Linear) -> None:
         super().__init__()
+        if table.tiled:
+            raise ValueError("the embedding reads the int8 table by rows: quantize it with tile=False")
         self.table = table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.table.qweight).to(self.table.output_dtype)
         return rows * self.table.scales[ids].to(self.table.output_dtype).unsqueeze(-1)
+
+
+class TableEmbedding(torch.nn.Module):
+    """Row lookups from a table kept in another dtype than the model's (a bfloat16 table under
+    int8), returned in the model's dtype. `weight` is the table itself (the head is tied to it)."""
+
+    def __init__(self, weight: torch.nn.Parameter, output_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = weight
+        self.output_dtype = output_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.output_dtype)
+
+
+def table_in(model: Any, dtype: torch.dtype) -> bool:
+    """Keep a tied embedding table (and so the output head) in `dtype` (bfloat16 under int8 on
+    CPU: model/loading.py reads it so) while the model computes in its own dtype: the embedding
+    becomes a TableEmbedding and the head our kernel's KernelLinear over the same table, which
+    takes float32 activations and returns the model's dtype.
+
+    Why: under int8 the layers shrink 4x, and the float32 table (1.13 GB for MiniCPM-2B) is then
+    a third of what a decode step reads; in bfloat16 it reads in about 35 ms instead of 54 at one
+    row on the 2-core AVX2 CPU, and holds 0.57 GB less. Its rounding (8 bits of mantissa, per
+    weight) moves next-token distributions far less than int8 would (BENCHMARKS.md, accuracy).
+
+    False (nothing changed) where our CPU kernels are not there, the table is not tied, or it is
+    quantized already."""
+    inner = model.model
+    head = model.lm_head
+    products = cpu_products()
+    if products is None or not isinstance(head, torch.nn.Linear) or head.weight is not inner.embed_tokens.weight:
+        return False
+    from minicpm_server.engine.native.kernels import KernelLinear
+
+    model_dtype = inner.norm.weight.dtype
+    table = head.weight
+    if table.dtype != dtype:
+        table.data = table.data.to(dtype)
+    inner.embed_tokens = TableEmbedding(table, model_dtype)
+    model.lm_head = KernelLinear(table, products, tile=False)
+    return True
 
 
 def fuse(parts: list[Int8Linear]) -> Int8Linear:
@@ -164,7 +231,8 @@ def fuse(parts: list[Int8Linear]) -> Int8Linear:
     start = 0
     for part in parts:
         rows = part.out_features
-        part.qweight = fused.qweight[start : start + rows]
+        per_entry = rows // part.qweight.shape[0]  # 4 outputs per entry of a tiled layout, else 1
+        part.qweight = fused.qweight[start // per_entry : (start + rows) // per_entry]
         part.scales = fused.scales[start : start + rows]
         start += rows
     return fused
@@ -197,7 +265,9 @@ def quantize_model(model: Any, fmt: str = "int8", *, head: bool = True) -> None:
         quantize_decoder_layer(layer, fmt)
     if head:
         tied = isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is inner.embed_tokens.weight
-        table = quantize_linear(model.lm_head, fmt)
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}")
+        table = Int8Linear.from_linear(model.lm_head, tile=not tied)  # a tied table is read by rows too
         model.lm_head = table
         if tied:
             inner.embed_tokens = Int8Embedding(table)

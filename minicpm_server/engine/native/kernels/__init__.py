@@ -76,6 +76,12 @@ def cpu_products() -> CpuProducts | None:
     return _load() if _enabled else None
 
 
+def built_products() -> CpuProducts | None:
+    """The kernels wherever they build, whatever the switch says: for weights already laid out
+    for them (tiled())."""
+    return _load()
+
+
 def kernel_cache_dir() -> Path:
     from minicpm_server.model.tiny import demo_cache_dir  # the project's cache root
 
@@ -130,38 +136,88 @@ def build() -> Path:
     return target
 
 
+# The tiled layout (products.cpp): 4 outputs, one 64-byte cache line of each in turn.
+TILE_OUTPUTS = 4
+TILE_BLOCK = {torch.bfloat16: 32, torch.int8: 64}
+
+
+def can_tile(weight: torch.Tensor) -> bool:
+    """Whether a [out, in] weight has a tiled layout (bfloat16 and int8; float32 rows are read
+    at the memory's speed already)."""
+    block = TILE_BLOCK.get(weight.dtype)
+    return (
+        block is not None and weight.dim() == 2 and weight.shape[0] % TILE_OUTPUTS == 0 and weight.shape[1] % block == 0
+    )
+
+
+def tiled(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of `weight` ([out, in]) in the tiled layout: [out / 4, in / BLOCK, 4, BLOCK]."""
+    if not can_tile(weight):
+        raise ValueError(f"a {weight.dtype} {tuple(weight.shape)} weight has no tiled layout")
+    out_features, in_features = weight.shape
+    block = TILE_BLOCK[weight.dtype]
+    tiles = weight.view(out_features // TILE_OUTPUTS, TILE_OUTPUTS, in_features // block, block)
+    return tiles.transpose(1, 2).contiguous()
+
+
+def is_tiled(weight: torch.Tensor) -> bool:
+    return weight.dim() == 4 and weight.shape[2] == TILE_OUTPUTS and weight.shape[3] == TILE_BLOCK.get(weight.dtype)
+
+
+def untiled(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] from either layout (a copy from a tiled one: tests, accuracy checks)."""
+    if not is_tiled(weight):
+        return weight
+    tiles, blocks, outputs, block = weight.shape
+    return weight.transpose(1, 2).reshape(tiles * outputs, blocks * block)
+
+
+def matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """(out, in) of a weight in either layout."""
+    if is_tiled(weight):
+        tiles, blocks, outputs, block = weight.shape
+        return tiles * outputs, blocks * block
+    out_features, in_features = weight.shape
+    return out_features, in_features
+
+
 class CpuProducts:
     """y = x @ W^T (times a scale per output for int8), W as stored: [out, in], row-major."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         pointer, size, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        self._by_dtype = {
-            torch.float32: library.minicpm_product_f32,
-            torch.bfloat16: library.minicpm_product_bf16,
-        }
-        for function in self._by_dtype.values():
-            function.argtypes = [pointer, size, size, pointer, size, pointer, size, count]
-            function.restype = None
+        self._f32 = library.minicpm_product_f32
+        self._f32.argtypes = [pointer, size, size, pointer, size, pointer, size, count]
+        self._bf16 = library.minicpm_product_bf16
+        self._bf16.argtypes = [pointer, size, size, pointer, count, size, pointer, size, count]
         self._int8 = library.minicpm_product_int8
-        self._int8.argtypes = [pointer, size, size, pointer, pointer, size, pointer, size, count]
-        self._int8.restype = None
+        self._int8.argtypes = [pointer, size, size, pointer, count, pointer, size, pointer, size, count]
+        for function in (self._f32, self._bf16, self._int8):
+            function.restype = None
+        blocks = {torch.bfloat16: library.minicpm_tile_block_bf16(), torch.int8: library.minicpm_tile_block_int8()}
+        if blocks != TILE_BLOCK:
+            raise KernelBuildError(f"the library tiles in blocks of {blocks}, this module expects {TILE_BLOCK}")
 
     @staticmethod
     def supports(weight: torch.Tensor) -> bool:
+        """Whether `weight` is a layout the kernels read: [out, in] rows, or tiled()."""
+        if weight.device.type != "cpu" or not weight.is_contiguous():
+            return False
+        if weight.dim() == 4:
+            return is_tiled(weight)
         return (
-            weight.device.type == "cpu"
-            and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
+            weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
             and weight.dim() == 2
-            and weight.is_contiguous()
             and weight.shape[1] % WIDTH == 0
         )
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [..., out] from x [..., in] (any float dtype); `scales` (float32 [out]) for int8."""
-        rows = self.rows(x, weight.shape[1])
-        y = torch.empty((rows.shape[0], weight.shape[0]), dtype=torch.float32)
+        out_features, in_features = matrix_shape(weight)
+        rows = self.rows(x, in_features)
+        y = torch.empty((rows.shape[0], out_features), dtype=torch.float32)
         self.linear_into(y, rows, weight, scales)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -175,22 +231,21 @@ class CpuProducts:
     ) -> None:
         """y = rows @ W^T, written into `y` ([rows, out] float32, each row contiguous: a column
         slice of a wider tensor will do) from `rows` as rows() gives them."""
-        out_features, in_features = weight.shape
+        if not self.supports(weight):
+            raise ValueError("these weights are not a layout the kernels read")
+        out_features, in_features = matrix_shape(weight)
         if y.shape != (rows.shape[0], out_features) or y.dtype != torch.float32 or y.stride(-1) != 1:
             raise ValueError(f"the output must be float32 {rows.shape[0]} x {out_features}, rows contiguous")
-        threads = torch.get_num_threads()
+        threads, tiled = torch.get_num_threads(), int(weight.dim() == 4)
+        x, count, w, out, ldy = rows.data_ptr(), rows.shape[0], weight.data_ptr(), y.data_ptr(), y.stride(0)
         if weight.dtype == torch.int8:
             if scales is None or scales.dtype != torch.float32 or not scales.is_contiguous():
                 raise ValueError("int8 weights need contiguous float32 scales")
-            self._int8(
-                rows.data_ptr(), rows.shape[0], in_features, weight.data_ptr(), scales.data_ptr(), out_features,
-                y.data_ptr(), y.stride(0), threads,
-            )  # fmt: skip
+            self._int8(x, count, in_features, w, tiled, scales.data_ptr(), out_features, out, ldy, threads)
+        elif weight.dtype == torch.bfloat16:
+            self._bf16(x, count, in_features, w, tiled, out_features, out, ldy, threads)
         else:
-            self._by_dtype[weight.dtype](
-                rows.data_ptr(), rows.shape[0], in_features, weight.data_ptr(), out_features, y.data_ptr(),
-                y.stride(0), threads,
-            )  # fmt: skip
+            self._f32(x, count, in_features, w, out_features, out, ldy, threads)
 
     def check(self) -> None:
         """Compare each kernel with PyTorch's product on odd sizes (every tile and tail shape)."""
@@ -207,41 +262,53 @@ class CpuProducts:
             for name, (stored, scale, reference) in cases.items():
                 if not torch.allclose(self.linear(x, stored, scale), x @ reference.t(), rtol=1e-4, atol=1e-4):
                     raise KernelBuildError(f"the {name} kernel disagrees with PyTorch's product")
+        wide = torch.randn(8, 128, generator=generator)  # the tiled layout: two tiles, two int8 blocks
+        x = torch.randn(5, 128, generator=generator)
+        for stored, scale in ((wide.bfloat16(), None), (wide.mul(10).round().to(torch.int8), scales[:8])):
+            if not torch.equal(self.linear(x, tiled(stored), scale), self.linear(x, stored, scale)):
+                raise KernelBuildError(f"the tiled {stored.dtype} kernel disagrees with the one over rows")
 
 
 class KernelLinear(torch.nn.Module):
-    """A bias-free linear layer computed by the kernels; `weight` ([out, in], float32 or
+    """A bias-free linear layer computed by the kernels. `weight` ([out, in], float32 or
     bfloat16) may be the embedding table a head is tied to, or a view into the checkpoint's
-    mapping, which `pack_now()` replaces by a copy of our own (DeferredPacking calls it after
-    start-up, between steps)."""
+    mapping. `pack_now()` (DeferredPacking calls it after start-up, between steps) replaces a
+    mapped weight by a copy of our own, and lays bfloat16 weights out in tiles (tiled()) unless
+    `tile` is off (a tied table, which the embedding reads by rows)."""
 
-    # DeferredPacking's log line when every layer is done
-    SETTLED = "copied {} weight matrices out of the checkpoint's mapping"
-
-    def __init__(self, weight: torch.Tensor, products: CpuProducts) -> None:
+    def __init__(self, weight: torch.Tensor, products: CpuProducts, *, tile: bool = True) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = matrix_shape(weight)
         self.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, False)
         if not products.supports(self.weight):
             raise ValueError("these weights are not a layout the kernels read")
         self.products = products
+        self.tile = tile and (is_tiled(weight) or can_tile(weight))
+        # DeferredPacking's log line when every layer is done
+        self.SETTLED = (
+            "copied {} weight matrices into our kernels' tiled layout"
+            if self.tile
+            else "copied {} weight matrices out of the checkpoint's mapping"
+        )
 
     @property
     def is_packed(self) -> bool:
-        """Whether the weight is in memory of our own (named for DeferredPacking's protocol)."""
-        return not getattr(self.weight, IN_MAPPING, False)
+        """Whether the weight is in memory of our own, in its final layout (named for
+        DeferredPacking's protocol)."""
+        return not getattr(self.weight, IN_MAPPING, False) and (not self.tile or is_tiled(self.weight))
 
     def pack_now(self) -> None:
-        """Copy the weight out of the file's mapping and let the mapping's pages go: our own
-        memory goes on huge pages, which the kernels read 14% faster than the page cache's 4 KB
-        pages (BENCHMARKS.md). The parameter stays the same object, so an embedding tied to it
-        reads the copy too. Idempotent."""
+        """Copy the weight out of the file's mapping (tiled, for bfloat16) and let the mapping's
+        pages go: our own memory goes on huge pages, which the kernels read 14% faster than the
+        page cache's 4 KB pages (BENCHMARKS.md). The parameter stays the same object, so an
+        embedding tied to it reads the copy too. Idempotent."""
         if self.is_packed:
             return
         view = self.weight.data
-        self.weight.data = view.clone()
-        delattr(self.weight, IN_MAPPING)
-        release_pages(view)
+        self.weight.data = tiled(view) if self.tile else view.clone()
+        if getattr(self.weight, IN_MAPPING, False):
+            delattr(self.weight, IN_MAPPING)
+            release_pages(view)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.products.linear(x, self.weight.detach()).to(x.dtype)
@@ -270,20 +337,20 @@ class KernelProjection:
 
 
 def kernel_projection(
-    parent: torch.nn.Module, names: list[str], products: CpuProducts | None
+    parent: torch.nn.Module, names: list[str], products: CpuProducts | None, *, tile: bool = True
 ) -> KernelLinear | KernelProjection | None:
     """The linear layers `parent.<name>` computed by the kernels: each replaced by a KernelLinear
     over its own weight (no copy; transformers' forward, the prefill, then computes with the
     kernels too), and one projection over all of them. Layers an earlier decoder already gave
     the kernels stay as they are. None (nothing changed) without `products`, or where a layer is
-    not a plain bias-free nn.Linear the kernels take."""
+    not a plain bias-free nn.Linear the kernels take. `tile`: see KernelLinear."""
     modules = [getattr(parent, name) for name in names]
     if not all(isinstance(m, KernelLinear) for m in modules):
         if products is None or not all(
             type(m) is torch.nn.Linear and m.bias is None and products.supports(m.weight) for m in modules
         ):
             return None
-        modules = [KernelLinear(m.weight, products) for m in modules]
+        modules = [KernelLinear(m.weight, products, tile=tile) for m in modules]
         for name, module in zip(names, modules, strict=True):
             setattr(parent, name, module)
     return modules[0] if len(modules) == 1 else KernelProjection(modules)

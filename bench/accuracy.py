@@ -43,7 +43,7 @@ import torch
 
 from bench.compare import wait_healthy
 from bench.peers import CACHE, ensure_llama_built, gguf_for, llama_server, port_free, start_server, stop_server
-from minicpm_server.engine.native.quantized import quantize_model, table_in
+from minicpm_server.engine.native.quantized import quantize_model, table_in, weights_in
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.tiny import cached_tiny_checkpoint
 from minicpm_server.model.tokenizer import load_tokenizer
@@ -52,7 +52,8 @@ REPO = Path(__file__).resolve().parent.parent
 CONTEXTS = REPO / "tests" / "data" / "accuracy_contexts.txt"
 OURS = {  # variant: (dtype, quantization, quantize the output head)
     "float32": ("float32", None, False),
-    "bf16": ("bfloat16", None, False),
+    "bf16": ("bfloat16", None, False),  # bfloat16 throughout (PyTorch's forward)
+    "bf16-weights": ("float32", None, False),  # what --dtype bfloat16 serves on CPU with our kernels
     "int8": ("float32", "int8", False),  # what --quantization int8 runs: the head (the tied table) in bf16 on CPU
     "int8-f32-head": ("float32", "int8", False),  # the head (the tied table) left in float32
     "int8-head": ("float32", "int8", True),  # --quantize-head: the head (and tied embedding) in int8 too
@@ -120,6 +121,8 @@ def ours(model_path: Path, variant: str, points: list[Position]) -> torch.Tensor
         simulate(model, variant)
     if method:
         quantize_model(model, method, head=head)
+    if variant == "bf16-weights":
+        weights_in(model, torch.bfloat16)
     if variant == "int8" and not table_in(model, torch.bfloat16):
         raise SystemExit("the int8 variant keeps its table in bfloat16 through our CPU kernels, unavailable here")
     out = torch.empty(len(points), model.config.vocab_size, dtype=torch.float64)

@@ -43,7 +43,8 @@ def test_demo_honours_dtype(start_server, tmp_path) -> None:
     env.pop("MINICPM_REAL_TOKENIZER", None)
     demo = start_server("--demo", "--dtype", "bfloat16", env=env)
     assert requests.post(demo.url, json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
-    assert "as torch.bfloat16" in demo.log()
+    # bfloat16 weights computed in float32 where our CPU kernels run (engine.half_weights), else bfloat16 throughout
+    assert "torch.bfloat16 weights, computed in float32" in demo.log() or "as torch.bfloat16" in demo.log()
 
 
 @pytest.mark.slow

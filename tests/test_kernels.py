@@ -14,15 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from minicpm_server.engine import half_weights, linear_form
 from minicpm_server.engine.native import kernels
 from minicpm_server.engine.native.budget import KvShape
 from minicpm_server.engine.native.kernels import CAPABLE, KernelLinear, KernelProjection, cpu_products
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.packed import DeferredPacking
 from minicpm_server.engine.native.paged import PagedKVCache
-from minicpm_server.engine.native.quantized import Int8Embedding, Int8Linear, fuse, weight_bytes
+from minicpm_server.engine.native.quantized import Int8Embedding, Int8Linear, fuse, weight_bytes, weights_in
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.loading import LinearForm
+from minicpm_server.settings import Settings
 from tests.harness import PROMPTS, greedy, result, run, submit
 
 BLOCK = 16
@@ -334,3 +336,39 @@ def test_the_engine_copies_mapped_weights_after_its_first_step(tiny_dir) -> None
     model = loaded.model
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still one table
     assert str(tiny_dir.resolve()) not in Path("/proc/self/maps").read_text()
+
+
+@needs_kernels
+def test_bfloat16_weights_in_a_float32_model(tiny_dir) -> None:
+    """--dtype bfloat16 on CPU with the kernels: the linear layers and the tied table are
+    bfloat16, read as converted from the float32 file; norms, activations and the KV cache are
+    float32. The logits are a float32 model's on the same bfloat16-rounded weights, and a loaded
+    model converted with weights_in() gives the same bits."""
+    settings = Settings(model_path=tiny_dir, device="cpu", dtype="bfloat16")
+    form = linear_form(settings, "cpu")
+    assert half_weights(settings, "cpu") and form.kind == "kernel" and form.later
+    assert not half_weights(settings.model_copy(update={"quantization": "int8"}), "cpu")
+    model = load_checkpoint(tiny_dir, device="cpu", dtype="float32", form=form).model
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, KernelLinear) and layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert not layer.self_attn.q_proj.is_packed  # tiled by the engine after start-up
+    assert layer.input_layernorm.weight.dtype == torch.float32 and KvShape.of(model).dtype == torch.float32
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dtype == torch.bfloat16
+    rounded = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Linear):  # the head is the tied table
+                module.weight.copy_(module.weight.bfloat16().float())
+    converted = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    weights_in(converted, torch.bfloat16)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits
+        assert logits.dtype == torch.float32
+        assert torch.allclose(logits, rounded(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(logits, converted(input_ids=ids).logits)
+        packing = DeferredPacking([m for m in model.modules() if isinstance(m, KernelLinear)])
+        while packing.pack_next():
+            pass
+        assert kernels.is_tiled(layer.mlp.down_proj.weight)
+        assert torch.equal(model(input_ids=ids).logits, logits)

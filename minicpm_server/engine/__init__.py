@@ -99,9 +99,26 @@ def linear_form(settings: Settings, device: str) -> LinearForm:
         return LinearForm(method, quantize_head=settings.quantize_head, table_dtype=torch.bfloat16 if half else None)
     if settings.compile:
         return DENSE
+    later = settings.packing == "after-start"
+    if half_weights(settings, device):  # bfloat16 weights computed in float32, as llama.cpp's BF16
+        return LinearForm("kernel", later=later, table_dtype=torch.bfloat16)
     if device == "cpu" and cpu_kernels_available():  # read as stored: mapped, copied after start-up; or copied now
-        return LinearForm("mapped") if settings.packing == "after-start" else DENSE
-    return LinearForm("packed", later=settings.packing == "after-start")
+        return LinearForm("mapped") if later else DENSE
+    return LinearForm("packed", later=later)
+
+
+def half_weights(settings: Settings, device: str) -> bool:
+    """Whether `--dtype bfloat16` means bfloat16 weights in a float32 model: on CPU with our
+    kernels (not compiled, not quantized). They widen bfloat16 weights to float32 anyway, and
+    attention, norms and the rest run 2.5x faster in float32 on a CPU without bfloat16
+    arithmetic (BENCHMARKS.md); the KV cache is float32 then, twice the bytes per token."""
+    return (
+        settings.dtype == "bfloat16"
+        and device == "cpu"
+        and quantization(settings) is None
+        and not settings.compile
+        and cpu_kernels_available()
+    )
 
 
 def cpu_kernels_available() -> bool:
@@ -120,7 +137,10 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     use_cpu_kernels(settings.cpu_kernels and not settings.compile)
     method = quantization(settings)
     form = linear_form(settings, checked.device.type)
-    checkpoint = load_checkpoint(settings.model_path, settings.device, settings.dtype, checked=checked, form=form)
+    computed = "float32" if form.kind == "kernel" else settings.dtype
+    checkpoint = load_checkpoint(settings.model_path, settings.device, computed, checked=checked, form=form)
+    if form.kind == "kernel":
+        log.info("torch.bfloat16 weights, computed in float32 by our CPU kernels (KV cache in float32)")
     if method is not None:
         from minicpm_server.engine.native.quantized import weight_bytes
 

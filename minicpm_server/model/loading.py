@@ -203,7 +203,9 @@ def _linear_owner(model: Any, name: str) -> tuple[Any, str] | None:
 class LinearForm:
     """What the linear layers become as they are read: "dense" (a copy in the model's dtype),
     "mapped" (our CPU kernels': the weights stay in the file's mapping, read where they are),
-    "packed" (oneDNN's layout, CPU) or "int8" (weight-only int8, engine/native/quantized.py).
+    "kernel" (our CPU kernels' layers over a copy in `table_dtype`: bfloat16 weights in a
+    float32 model, engine/native/quantized.py, weights_in), "packed" (oneDNN's layout, CPU) or
+    "int8" (weight-only int8, engine/native/quantized.py).
     int8 leaves the output head (and the embedding tied to it) dense unless `quantize_head`.
     Packed `later`: each layer keeps its view into the file's mapping, no copy, until the engine
     packs it after start-up (engine/native/packed.py, DeferredPacking)."""
@@ -211,7 +213,8 @@ class LinearForm:
     kind: str = "dense"
     quantize_head: bool = False
     later: bool = False
-    # int8 on CPU with our kernels: a float32 model's tied table (embedding and head) in bfloat16 (quantized.py)
+    # int8 on CPU with our kernels: a float32 model's tied table (embedding and head) in bfloat16
+    # (quantized.py); "kernel": the linear layers' weights too
     table_dtype: torch.dtype | None = None
 
     def table(self, dtype: torch.dtype) -> torch.dtype:
@@ -220,8 +223,8 @@ class LinearForm:
 
     def converts(self, name: str) -> bool:
         """Whether the linear layer whose weight is `name` takes this form (a module of its own)."""
-        return self.kind in ("packed", "int8") and (
-            self.kind != "int8" or self.quantize_head or name != "lm_head.weight"
+        return self.kind in ("packed", "int8", "kernel") and (
+            self.kind == "packed" or self.quantize_head or name != "lm_head.weight"
         )
 
     def serves_mapped(self, view: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -234,7 +237,7 @@ class LinearForm:
     def phase(self) -> str:
         if self.kind == "mapped" or (self.kind == "packed" and self.later):
             return "mapping"
-        return {"packed": "packing", "int8": "quantizing"}.get(self.kind, "copying")
+        return {"packed": "packing", "int8": "quantizing", "kernel": "converting"}.get(self.kind, "copying")
 
     def keeps_view(self, view: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the layer made from `view` computes from the file's mapping for now."""
@@ -251,6 +254,13 @@ class LinearForm:
                 return PackedLinear(view, later=True, on_packed=release_pages)
             # one pass over the file's bytes, no private copy first (a converted matrix is the only temporary)
             return PackedLinear(view if view.dtype == dtype else view.to(dtype), later=self.later)
+        if self.kind == "kernel":
+            from minicpm_server.engine.native.kernels import KernelLinear, built_products
+
+            layer = KernelLinear(copy_out(view, device, self.table(dtype)), built_products())
+            if not self.later:
+                layer.pack_now()  # tiled now (--packing at-load), else by the engine after start-up
+            return layer
         from minicpm_server.engine.native.quantized import Int8Linear
 
         return Int8Linear.from_weight(view, dtype, device, tile=tile)

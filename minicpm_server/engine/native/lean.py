@@ -188,7 +188,8 @@ class LeanDecoder:
             log.info("decode step: lean, int8 weights (quantized.py), output head in %s", head)
         elif self.kernels:
             log.info(
-                "decode step: lean, %s weights through our CPU kernels (kernels/), output head %s",
+                "decode step: lean, %s weights through our CPU kernels (kernels/), computed in %s, output head %s",
+                self.layers[0].down.weight.dtype,
                 self.norm.dtype,
                 self._head_form(),
             )

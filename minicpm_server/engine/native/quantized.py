@@ -219,6 +219,25 @@ def table_in(model: Any, dtype: torch.dtype) -> bool:
     return True
 
 
+def weights_in(model: Any, dtype: torch.dtype) -> None:
+    """A loaded float32 model's linear layers and tied table with weights in `dtype` (bfloat16),
+    computed by our CPU kernels in float32: what `--dtype bfloat16` serves on CPU with them
+    (model/loading.py, LinearForm "kernel", converts as it reads; bench/accuracy.py converts a
+    loaded model with this)."""
+    from minicpm_server.engine.native.kernels import KernelLinear
+
+    products = cpu_products()
+    if products is None:
+        raise RuntimeError("bfloat16 weights in a float32 model need our CPU kernels")
+    for layer in model.model.layers:
+        for block_name, names in LAYER_LINEARS.items():
+            block = getattr(layer, block_name)
+            for name in names:
+                weight = getattr(block, name).weight.detach()
+                setattr(block, name, KernelLinear(weight.to(dtype), products))
+    table_in(model, dtype)
+
+
 def fuse(parts: list[Int8Linear]) -> Int8Linear:
     """One Int8Linear whose outputs are the parts' side by side (q/k/v, gate/up: one product per
     step). Each part's buffers become row slices of the fused ones, so no weight is held twice and

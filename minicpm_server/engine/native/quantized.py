@@ -11,7 +11,7 @@ float32. The int8 values are laid out in the kernel's tiles (kernels.tiled(): 4 
 weights of each in turn) as they are quantized, unless a table is also read by rows (the tied
 embedding under --quantize-head). At the full-size shapes on the 2-core AVX2 CPU that took 5.5
 ms per decoder layer at one row against 6.7 for PyTorch's kernel below (rows), and 20.5 against
-33.9 ms at 16 rows; tiled, 1.38x faster than rows at one row (BENCHMARKS.md).
+33.9 ms at 16 rows; tiled, about 1.3x faster than rows at one row (BENCHMARKS.md).
 
 Where our kernels are unavailable (no compiler, another CPU), the product is PyTorch's own
 weight-only int8 kernel, `torch.ops.aten._weight_int8pack_mm`
@@ -257,13 +257,14 @@ def fuse(parts: list[Int8Linear]) -> Int8Linear:
     return fused
 
 
-def quantize_linear(linear: torch.nn.Module, fmt: str = "int8") -> torch.nn.Module:
-    """One layer in `fmt` (see FORMATS); an already quantized layer is returned as it is."""
+def quantize_linear(linear: torch.nn.Module, fmt: str = "int8", *, tile: bool = True) -> torch.nn.Module:
+    """One layer in `fmt` (see FORMATS); an already quantized layer is returned as it is.
+    `tile=False`: a table the embedding also reads by rows (Int8Linear.from_weight)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}")
     if isinstance(linear, Int8Linear):
         return linear
-    return Int8Linear.from_linear(linear)
+    return Int8Linear.from_linear(linear, tile=tile)
 
 
 def quantize_decoder_layer(layer: Any, fmt: str = "int8") -> None:
@@ -284,9 +285,7 @@ def quantize_model(model: Any, fmt: str = "int8", *, head: bool = True) -> None:
         quantize_decoder_layer(layer, fmt)
     if head:
         tied = isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is inner.embed_tokens.weight
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}")
-        table = Int8Linear.from_linear(model.lm_head, tile=not tied)  # a tied table is read by rows too
+        table = quantize_linear(model.lm_head, fmt, tile=not tied)  # a tied table is read by rows too
         model.lm_head = table
         if tied:
             inner.embed_tokens = Int8Embedding(table)

@@ -24,7 +24,7 @@ def main() -> None:
         pool = BlockPool(num_blocks=1 + sum(needed), block_size=16, prefix_caching=False)
         held = 0
         for p, n in mix:
-            table, _ = pool.reserve(list(range(p)), p + n)
+            table = pool.reserve(list(range(p)), p + n).table
             held += len(table) * pool.block_size
         padded = len(mix) * max(needed)
         total = sum(needed)

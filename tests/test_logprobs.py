@@ -144,7 +144,10 @@ def test_generated_logprobs_match_the_reference_and_the_stream(server, tiny_dir)
             texts.append(choice["text"])
             if choice["logprobs"]:
                 numbers.extend(choice["logprobs"]["token_logprobs"])
-    assert "".join(texts) == whole["text"] and numbers == whole["logprobs"]["token_logprobs"]
+    # The second request reuses the first's cached prompt (all but its last token), so its numbers
+    # come from other shapes of product: equal up to float rounding, not bit for bit.
+    assert "".join(texts) == whole["text"]
+    assert_close(numbers, whole["logprobs"]["token_logprobs"])
 
 
 def test_chat_logprobs_streamed_and_not(server) -> None:
@@ -161,7 +164,7 @@ def test_chat_logprobs_streamed_and_not(server) -> None:
     rendered = "<用户>你好<AI>"
     plain = post(server, "/v1/completions", {"prompt": rendered, "max_tokens": 5, "temperature": 0, "logprobs": 0})
     numbers = plain["choices"][0]["logprobs"]["token_logprobs"][: len(content)]
-    assert [e["logprob"] for e in content] == numbers
+    assert_close([e["logprob"] for e in content], numbers)  # the prompt reused from the cache: rounding
     streamed = requests.post(
         server.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=300
     )
@@ -170,7 +173,8 @@ def test_chat_logprobs_streamed_and_not(server) -> None:
         if line.startswith(b"data: {"):
             choice = json.loads(line[6:])["choices"][0]
             pieces.extend((choice.get("logprobs") or {}).get("content") or [])
-    assert pieces == content
+    assert [p["token"] for p in pieces] == [e["token"] for e in content]
+    assert_close([p["logprob"] for p in pieces], [e["logprob"] for e in content])
 
 
 def test_scoring_only_and_many_prompts(server) -> None:

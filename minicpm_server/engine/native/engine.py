@@ -133,7 +133,12 @@ class NativeEngine(EngineBase):
             tokens=kv_cache_tokens,
             prefix_caching=prefix_caching,
         )
-        self.scheduler = Scheduler(pool, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
+        self.scheduler = Scheduler(
+            pool,
+            max_batch=max_batch,
+            max_prefill_tokens=max_prefill_tokens,
+            copy_block=lambda source, target: cache.copy_block(source, target, block_size),
+        )
         self.runner = ModelRunner(
             model,
             cache,

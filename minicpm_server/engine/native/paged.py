@@ -121,6 +121,14 @@ class PagedKVCache(Cache):
         for pool in (*self.keys, *self.values):
             self._blocks(pool, block_size).index_fill_(0, index, 0)
 
+    def copy_block(self, source: int, target: int, block_size: int) -> None:
+        """Every layer's keys and values of block `source` into block `target` (a prefix reused
+        past a block boundary, blocks.py): all its slots, so that the ones past the reused tokens
+        hold finite values, as the lean decoder reads whole blocks."""
+        for pool in (*self.keys, *self.values):
+            blocks = self._blocks(pool, block_size)
+            blocks[target].copy_(blocks[source])
+
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store one token per slot: keys and values are [N, kv_heads, head_dim]."""
         self.keys[layer].index_copy_(0, slots, keys)

@@ -231,7 +231,9 @@ class ModelRunner:
         return self._joining(seqs, ids[:, -1], table), logits, scores
 
     def _zero_fresh_blocks(self, seqs: list[Sequence]) -> None:
-        fresh = [block for seq in seqs for block in seq.table[seq.computed // self.block_size :]]
+        """Zero the blocks past each sequence's computed tokens; a block partly computed was
+        copied whole from a cached one (blocks.py), so holds no NaN."""
+        fresh = [block for seq in seqs for block in seq.table[blocks_for(seq.computed, self.block_size) :]]
         self.cache.zero_blocks(fresh, self.block_size)
 
     def _joining(self, seqs: list[Sequence], last: torch.Tensor, table: torch.Tensor) -> Batch:

@@ -13,6 +13,7 @@ means a running request never runs out of KV memory half-way.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,8 +50,16 @@ class Admission:
 class Scheduler:
     """Queue and batch bookkeeping for the native engine (see the module docstring)."""
 
-    def __init__(self, pool: BlockPool, *, max_batch: int, max_prefill_tokens: int) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        *,
+        max_batch: int,
+        max_prefill_tokens: int,
+        copy_block: Callable[[int, int], None],
+    ) -> None:
         self.pool = pool
+        self.copy_block = copy_block  # (source, destination): a cached block's keys and values into a fresh one
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[QueueHandle] = deque()
@@ -92,9 +101,11 @@ class Scheduler:
             if reserved is None:
                 self.waited_for_memory += 1
                 break
-            table, cached = reserved
-            budget -= head.prompt_tokens - cached
-            taken.append(Admission(self.waiting.popleft(), table, cached))
+            if reserved.copy is not None:  # the prompt's tokens past its shared blocks agree with a cached block
+                self.copy_block(*reserved.copy)
+                self.pool.copied(reserved)
+            budget -= head.prompt_tokens - reserved.cached
+            taken.append(Admission(self.waiting.popleft(), reserved.table, reserved.cached))
         self.admitting = taken
         return taken, cancelled
 
@@ -130,7 +141,7 @@ class Scheduler:
             return False
         for seq in batch.seqs:
             if seq.output.done:
-                self.pool.index(seq.table, seq.tokens, seq.computed, seq.digests)
+                self.pool.index(seq.table, seq.tokens, seq.computed, seq.digests, finished=True)
                 self.pool.release(seq.table)
         self.batch = batch.select(keep) if keep else None
         return True

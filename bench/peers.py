@@ -63,10 +63,10 @@ started with its tokenizer), as ours does. The optional server `vllm-ids` (not r
 ids out, no detokenizing, as our vLLM backend runs vLLM; it tells vLLM's engine from its front end.
 
 Prompt modes (the tutorial's question after a 5-digit number, so both have the same length):
-`fixed` sends every request the same prompt (number 00000), so llama-server's slots and vLLM's
-prefix cache reuse its KV (this flatters them, and ours+vllm, which keeps vLLM's prefix cache
-on; our native engine has no prefix cache); `unique` gives each request a different number, at
-the start of the question, so no prefix of more than a few tokens is shared.
+`fixed` sends every request the same prompt (number 00000), so every server's prefix cache
+reuses its KV: llama-server's slots and our native engine all but its last token, vLLM's prefix
+cache (and ours+vllm, which keeps it on) its whole 16-token blocks; `unique` gives each request a
+different number, at the start of the question, so no prefix of more than a few tokens is shared.
 
 Measured, per server, after a warm-up (2 requests, then one 8-token request per client at the
 highest concurrency): aggregate generated tokens/s of closed-loop clients (each sends requests

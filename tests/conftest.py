@@ -10,7 +10,7 @@ import pytest
 
 from minicpm_server.model.checkpoint import load_checkpoint
 from minicpm_server.model.tiny import build_tiny_checkpoint
-from tests.harness import LONG_WINDOW, SMALL_WINDOW, ServerProcess, real_tokenizer_dir
+from tests.harness import LONG_WINDOW, SMALL_WINDOW, ServerProcess, real_tokenizer_dir, stop_all
 
 
 @pytest.fixture(scope="session")
@@ -97,8 +97,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         return server.wait_ready() if wait else server
 
     yield start
-    for server in started:
-        server.stop()
+    stop_all(started)
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,6 @@ def test_a_repeated_prompt_reuses_all_but_its_last_token_by_copying_the_partial_
     assert again.table[:2] == first[:2]  # the whole blocks are shared
     assert again.cached == 10  # and the third block's first 2 tokens copied: 1 token left to compute
     assert again.copy == (first[2], again.table[2]) and again.table[2] not in first
-    pool.copied(again)
     pool.release(again.table)
     assert pool.used == pool.cached  # nothing held after release: only indexed blocks remain
 
@@ -117,7 +116,6 @@ def test_prompts_that_part_mid_block_reuse_the_tokens_they_share() -> None:
     reservation = pool.reserve(other, 12)
     assert reservation is not None and reservation.table[0] == first[0]
     assert reservation.cached == 6 and reservation.copy == (first[1], reservation.table[1])
-    pool.copied(reservation)
     unrelated = pool.reserve([50, 51, 52, 53, 54], 8)
     assert unrelated is not None and unrelated.cached == 0 and unrelated.copy is None
 

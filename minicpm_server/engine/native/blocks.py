@@ -14,7 +14,7 @@ Past its last whole shared block, a prompt usually still agrees with some cached
 tokens: the same prompt sent again (its last block is never whole: at least one token is always
 computed), a chat's next turn (the previous answer ends mid-block), or two prompts that part
 mid-block. Those tokens are reused too, by copy: the reservation's first fresh block receives a
-copy of the cached block (`Reservation.copy`, made by the caller before the prefill), and the
+copy of the cached block (`Reservation.copy`, made by the caller before it reserves again), and the
 prompt is computed from the first token that differs. To find such blocks, every indexed block
 also records its parent's digest and its tokens, and a finished request's last, partly filled
 block is kept as well (a partial entry: found only this way, never shared). As llama.cpp's
@@ -106,7 +106,7 @@ class BlockPool:
         `prompt`, reusing a cached prefix unless `reuse` is false, or None when it does not fit
         now. At least one prompt token is always left to compute (its logits give the first
         answer token). When the reservation's `copy` is set, the caller copies that block's keys
-        and values before computing the prompt, then calls `copied`."""
+        and values before its next reservation (which may evict the source)."""
         shared, partial = self._match(prompt) if reuse else ([], None)
         held = shared + ([partial[0]] if partial else [])
         for block in held:
@@ -121,17 +121,13 @@ class BlockPool:
         copy = None
         if partial:
             source, agreed = partial
+            self.release([source])  # copied before the caller's next reservation (docstring)
             copy = (source, table[len(shared)])
             cached_tokens += agreed
         self.hit_tokens += cached_tokens
         if reuse:
             self.query_tokens += len(prompt)
         return Reservation(table, cached_tokens, copy)
-
-    def copied(self, reservation: Reservation) -> None:
-        """The caller has copied `reservation.copy`'s block: it may be evicted again."""
-        if reservation.copy is not None:
-            self.release([reservation.copy[0]])
 
     def release(self, table: Sequence[int]) -> None:
         """Drop one reference to each block; an unreferenced block is freed, or kept as a cached
@@ -179,7 +175,7 @@ class BlockPool:
             block = table[computed // size]
             parent = digests[-1] if digests else b""
             tail = tuple(tokens[computed - filled : computed])
-            if self._longest_agreement(parent, tail, filled)[1] < filled:  # nothing cached covers it yet
+            if self._longest_agreement(parent, tail)[1] < filled:  # nothing cached covers it yet
                 self._add_entry(block, parent, tail)
 
     # ----------------------------------------------------------------- internals
@@ -199,17 +195,17 @@ class BlockPool:
             parent = digest
         start = len(found) * size
         limit = min(size, len(prompt) - 1 - start)  # at least one prompt token is left to compute
-        block, agreed = self._longest_agreement(parent, prompt[start : start + limit], limit)
+        block, agreed = self._longest_agreement(parent, prompt[start : start + limit])
         return found, ((block, agreed) if agreed > 0 else None)
 
-    def _longest_agreement(self, parent: bytes, tokens: Sequence[int], limit: int) -> tuple[int, int]:
-        """(block, n): the indexed block after `parent` whose first n <= `limit` tokens equal
-        `tokens`' first n, with n as large as possible; (NULL_BLOCK, 0) when none does."""
+    def _longest_agreement(self, parent: bytes, tokens: Sequence[int]) -> tuple[int, int]:
+        """(block, n): the indexed block after `parent` whose first n tokens equal `tokens`' first
+        n, with n as large as possible; (NULL_BLOCK, 0) when none does."""
         best, best_n = NULL_BLOCK, 0
         for block in self._children.get(parent, ()):
             cached = self._tokens_of[block]
             n = 0
-            for a, b in zip(cached, tokens[:limit], strict=False):
+            for a, b in zip(cached, tokens, strict=False):
                 if a != b:
                     break
                 n += 1

@@ -102,8 +102,7 @@ class Scheduler:
                 self.waited_for_memory += 1
                 break
             if reserved.copy is not None:  # the prompt's tokens past its shared blocks agree with a cached block
-                self.copy_block(*reserved.copy)
-                self.pool.copied(reserved)
+                self.copy_block(*reserved.copy)  # before the next reservation, which may evict the source
             budget -= head.prompt_tokens - reserved.cached
             taken.append(Admission(self.waiting.popleft(), reserved.table, reserved.cached))
         self.admitting = taken

@@ -117,8 +117,10 @@ def test_incomplete_weights_refused(tmp_path: Path, tiny_dir: Path) -> None:
 def test_checkpoint_code_is_never_executed(tmp_path: Path, tiny_dir: Path) -> None:
     ckpt = copy_checkpoint(tiny_dir, tmp_path / "decoy")
     # Loading runs with stdin closed: a prompt asking whether to trust remote code would fail it.
-    loaded = load_checkpoint(ckpt, device="cpu")
-    assert loaded.model.__class__.__name__ == "GraniteForCausalLM"
+    ours = load_checkpoint(ckpt, device="cpu")
+    assert ours.model.__class__.__name__ == "MiniCPMForCausalLM"  # the default on CPU (model/architecture.py)
+    theirs = load_checkpoint(ckpt, device="cpu", implementation="transformers")
+    assert theirs.model.__class__.__name__ == "GraniteForCausalLM"
     assert not (ckpt / EXECUTED_MARKER).exists()
     assert not any(name.startswith("modeling_minicpm") for name in sys.modules)
 

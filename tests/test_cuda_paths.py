@@ -28,20 +28,31 @@ from minicpm_server.engine.native.runner import DecodeForward, ModelRunner
 from minicpm_server.engine.native.sampling import BatchSampling, draw_tokens
 from minicpm_server.engine.protocol import SamplingParams
 from minicpm_server.exceptions import StartupError
-from minicpm_server.model.checkpoint import attention_implementation, granite_config, load_checkpoint
+from minicpm_server.model.architecture import empty_minicpm, model_config
+from minicpm_server.model.checkpoint import (
+    attention_implementation,
+    granite_config,
+    load_checkpoint,
+    model_implementation,
+)
 
 BLOCK = 16
 META = torch.device("meta")
 
 
-def meta_decoder(path, *, lean: bool) -> DecodeForward:
-    """The tiny checkpoint's shape on the meta device (no weights read), with its KV pool."""
+def meta_decoder(path, *, lean: bool, implementation: str = "transformers") -> DecodeForward:
+    """The tiny checkpoint's shape on the meta device (no weights read), with its KV pool; the
+    module tree transformers' Granite (the CUDA default) or our own MiniCPM (--model-impl minicpm)."""
     from transformers import GraniteForCausalLM
 
-    config = granite_config(json.loads((path / "config.json").read_text()))
-    config._attn_implementation = "sdpa"
-    with META:
-        model = GraniteForCausalLM(config).eval()
+    checkpoint_config = json.loads((path / "config.json").read_text())
+    if implementation == "minicpm":
+        model = empty_minicpm(model_config(checkpoint_config), torch.float32).eval()
+    else:
+        config = granite_config(checkpoint_config)
+        config._attn_implementation = "sdpa"
+        with META:
+            model = GraniteForCausalLM(config).eval()
     shape = KvShape.of(model)
     blocks = 32
     cache = PagedKVCache(shape.num_layers, blocks * BLOCK + 1, shape.kv_heads, shape.head_dim, shape.dtype, META)
@@ -62,11 +73,15 @@ SAMPLING_MIXES = [
 ]
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "transformers"])
-def test_the_decode_step_keeps_every_tensor_on_the_models_device(tiny_dir, lean: bool) -> None:
+@pytest.mark.parametrize(
+    ("lean", "implementation"),
+    [(True, "transformers"), (False, "transformers"), (False, "minicpm")],
+    ids=["lean", "transformers", "minicpm-forward"],
+)
+def test_the_decode_step_keeps_every_tensor_on_the_models_device(tiny_dir, lean: bool, implementation: str) -> None:
     """Branch: any device other than the CPU (no oneDNN packing, the fused weight layout, the
-    step's layout and sampling tensors made on the model's device)."""
-    decoder = meta_decoder(tiny_dir, lean=lean)
+    step's layout and sampling tensors made on the model's device), through either module tree."""
+    decoder = meta_decoder(tiny_dir, lean=lean, implementation=implementation)
     assert (decoder.lean is not None) == lean
     with torch.inference_mode():
         last = torch.zeros(3, dtype=torch.long, device=META)
@@ -166,7 +181,8 @@ def test_flash_attention_is_chosen_on_cuda_and_the_engine_switches_it_to_sdpa(ti
     assert attention_implementation(cuda, torch.float32) == "sdpa"
     assert attention_implementation(torch.device("cpu"), torch.bfloat16) == "sdpa"
     monkeypatch.undo()
-    model = load_checkpoint(tiny_dir, device="cpu", dtype="float32").model
+    assert model_implementation("auto", cuda) == "transformers"  # our own MiniCPM has only SDPA
+    model = load_checkpoint(tiny_dir, device="cpu", dtype="float32", implementation="transformers").model
     switched: list[str] = []
     model.config._attn_implementation = "flash_attention_2"
     monkeypatch.setattr(model, "set_attn_implementation", switched.append)

@@ -139,7 +139,9 @@ def _native_engine(settings: Settings, checked: Preflight) -> Engine:
     method = quantization(settings)
     form = linear_form(settings, checked.device.type)
     computed = "float32" if form.kind == "kernel" else settings.dtype
-    checkpoint = load_checkpoint(settings.model_path, settings.device, computed, checked=checked, form=form)
+    checkpoint = load_checkpoint(
+        settings.model_path, settings.device, computed, checked=checked, form=form, implementation=settings.model_impl
+    )
     if form.kind == "kernel":
         log.info("torch.bfloat16 weights, computed in float32 by our CPU kernels (KV cache in float32)")
     if method is not None:

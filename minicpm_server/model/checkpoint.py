@@ -1,10 +1,12 @@
-"""Turn a MiniCPM-2B checkpoint directory into a transformers model and tokenizer.
+"""Turn a MiniCPM-2B checkpoint directory into a model and tokenizer we can serve.
 
 No transformers release has a MiniCPM class, and the download's remote code no longer runs on
 current transformers (and would run code shipped with a download). MiniCPM's forward pass is
 exactly transformers' Granite architecture with four scalars set from MiniCPM's config
-(`granite_config` below; docs/architecture.md has the mapping), so we build `GraniteForCausalLM` from our own config object and let
-`from_pretrained` read the weights. Passing the config explicitly means config.json's
+(architecture.model_config; docs/architecture.md has the mapping). So the model is either our
+own plain-PyTorch MiniCPM (architecture.py: the default on CPU, where importing transformers'
+modelling code is seconds of start-up) or transformers' `GraniteForCausalLM` built from that
+config (the default on CUDA, and what vLLM is given, export.py). Either way config.json's
 `auto_map` is never consulted, and we never pass `trust_remote_code`.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 from minicpm_server.exceptions import StartupError
 from minicpm_server.exceptions import one_line as _one_line
+from minicpm_server.model.architecture import model_config
 from minicpm_server.model.loading import DENSE, LinearForm
 from minicpm_server.model.tokenizer import Tokenizer, TokenizerError
 from minicpm_server.model.tokenizer import load_tokenizer as load_checkpoint_tokenizer
@@ -208,41 +210,11 @@ def _shards_from_index(index: Path) -> tuple[Path, ...]:
 
 
 def granite_config(config: dict[str, Any]) -> Any:
-    """MiniCPM config -> the GraniteConfig with the same forward pass.
-
-    embedding_multiplier = scale_emb, residual_multiplier = scale_depth / sqrt(layers),
-    logits_scaling = hidden_size / dim_model_base, attention_multiplier = 1 / sqrt(head_dim)
-    (Granite's default 1.0 would be wrong), and a tied head (Granite defaults to untied).
-    """
+    """MiniCPM config -> the transformers GraniteConfig with the same forward pass
+    (architecture.model_config has the mapping)."""
     from transformers import GraniteConfig
 
-    hidden = int(config["hidden_size"])
-    layers = int(config["num_hidden_layers"])
-    heads = int(config["num_attention_heads"])
-    return GraniteConfig(
-        vocab_size=int(config["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(config["intermediate_size"]),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-        hidden_act="silu",
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        rope_parameters={"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))},
-        bos_token_id=config.get("bos_token_id", 1),
-        eos_token_id=config.get("eos_token_id", 2),
-        pad_token_id=0,
-        # MiniCPM stores no lm_head: absent from config.json, tie_word_embeddings defaults to true.
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-        embedding_multiplier=float(config["scale_emb"]),
-        residual_multiplier=float(config["scale_depth"]) / math.sqrt(layers),
-        logits_scaling=hidden / float(config["dim_model_base"]),
-        attention_multiplier=1.0 / math.sqrt(hidden / heads),
-        attention_bias=False,
-        mlp_bias=False,
-        architectures=["GraniteForCausalLM"],
-    )
+    return GraniteConfig(**model_config(config).granite_kwargs())
 
 
 # --------------------------------------------------------------------------- device and dtype
@@ -263,6 +235,21 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[choice]
+
+
+MODEL_IMPLEMENTATIONS = ("auto", "minicpm", "transformers")
+
+
+def model_implementation(choice: str, device: torch.device) -> str:
+    """auto: our own MiniCPM on CPU (ready seconds sooner: no transformers modelling import),
+    transformers' Granite on CUDA (its attention kernels, measured there before ours existed)."""
+    if choice not in MODEL_IMPLEMENTATIONS:
+        raise StartupError(
+            f"unknown model implementation {choice!r}: expected one of {', '.join(MODEL_IMPLEMENTATIONS)}"
+        )
+    if choice == "auto":
+        return "minicpm" if device.type == "cpu" else "transformers"
+    return choice
 
 
 def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
@@ -289,6 +276,7 @@ def load_model(
     dtype: torch.dtype,
     attn: str,
     form: LinearForm = DENSE,
+    implementation: str = "minicpm",
 ) -> Any:
     """The model with the checkpoint's weights, streamed in one tensor at a time (loading.py),
     its linear layers taking `form` as they are read: packed for oneDNN where the native engine
@@ -297,7 +285,7 @@ def load_model(
     from minicpm_server.engine.native.packed import packs_weights
     from minicpm_server.model.loading import load_streaming
 
-    config = granite_config(files.config)
+    config = model_config(files.config) if implementation == "minicpm" else granite_config(files.config)
     if form.kind == "packed" and not packs_weights(device, config.hidden_size, dtype):
         form = DENSE
     try:
@@ -332,17 +320,28 @@ def load_checkpoint(
     *,
     checked: Preflight | None = None,
     form: LinearForm = DENSE,
+    implementation: str = "auto",
 ) -> LoadedCheckpoint:
     """Load the model and tokenizer; `checked` (from preflight) skips the checks already made;
     `form` is what the linear layers become as they load (load_model): packed or quantized for
-    the native engine's lean decoder."""
+    the native engine's lean decoder; `implementation`: whose module tree (model_implementation)."""
     start = time.perf_counter()
     checked = checked or preflight(path, device)
     files, torch_device = checked.files, checked.device
     torch_dtype = resolve_dtype(dtype, torch_device)
-    attn = attention_implementation(torch_device, torch_dtype)
+    implementation = model_implementation(implementation, torch_device)
+    attn = attention_implementation(torch_device, torch_dtype) if implementation == "transformers" else "sdpa"
     tokenizer = load_tokenizer(files)
-    model = load_model(files, torch_device, torch_dtype, attn, form)
+    model = load_model(files, torch_device, torch_dtype, attn, form, implementation)
     seconds = time.perf_counter() - start
-    log.info("loaded %s on %s as %s (%s attention) in %.1f s", files.path, torch_device, torch_dtype, attn, seconds)
+    whose = "our MiniCPM" if implementation == "minicpm" else "transformers' Granite"
+    log.info(
+        "loaded %s on %s as %s (%s, %s attention) in %.1f s",
+        files.path,
+        torch_device,
+        torch_dtype,
+        whose,
+        attn,
+        seconds,
+    )
     return LoadedCheckpoint(model, tokenizer, files, torch_device, torch_dtype, attn)

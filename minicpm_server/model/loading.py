@@ -161,7 +161,12 @@ def copy_out(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> to
 
 
 def empty_model(config: Any, dtype: torch.dtype, attn: str) -> Any:
-    """GraniteForCausalLM with every parameter on the meta device: shapes, no storage, no init."""
+    """The model with every parameter on the meta device: shapes, no storage, no init. Our own
+    MiniCPM for our config (architecture.py), transformers' GraniteForCausalLM for a GraniteConfig."""
+    from minicpm_server.model.architecture import ModelConfig, empty_minicpm
+
+    if isinstance(config, ModelConfig):
+        return empty_minicpm(config, dtype)
     from transformers import GraniteForCausalLM
 
     with torch.device("meta"):

@@ -385,8 +385,9 @@ class NativeEngine(EngineBase):
 
 
 def _use_sdpa(model: Any) -> None:
-    """The paged cache hands attention a 4-D mask, which FlashAttention-2 cannot take."""
-    if model.config._attn_implementation not in ("sdpa", "eager"):
+    """The paged cache hands attention a 4-D mask, which FlashAttention-2 cannot take (our own
+    MiniCPM, model/architecture.py, has only SDPA)."""
+    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         log.info("native engine: %s attention -> sdpa (paged KV needs a 4-D mask)", model.config._attn_implementation)
         model.set_attn_implementation("sdpa")
 

@@ -225,7 +225,7 @@ class LeanDecoder:
         config = model.config
         rope = getattr(config, "rope_parameters", None) or {}
         return (
-            getattr(config, "model_type", "") == "granite"
+            getattr(config, "model_type", "") in ("minicpm", "granite")
             and rope.get("rope_type", "default") == "default"
             and config.hidden_act == "silu"
             and not getattr(config, "attention_bias", False)

@@ -6,12 +6,13 @@ tokens need, and memory cannot be bounded by tokens. Here every row owns whole b
 `block_size` slots (blocks.py decides which); what a row wastes is the unused tail of its last
 block.
 
-The model (transformers' Granite) calls `update(keys, values, layer)` once per layer. This cache
+The model (ours, model/architecture.py, or transformers' Granite through `TransformersCache`)
+calls `update(keys, values, layer)` once per layer. This cache
 writes the step's new keys and values into their rows' slots, then gathers each row's slots into
 a dense, right-padded [batch, heads, time, head_dim] tensor for attention. The gathered tensor is
 transient (one layer at a time); padding in it points at the null block, which is all zeros, and
-the step's 4-D boolean mask hides it. The model's own SDPA attention runs on that mask, so no
-custom kernel is needed.
+the step's 4-D boolean mask hides it. The model's SDPA attention runs on that mask, so no custom
+kernel is needed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
 
 from minicpm_server.engine.native.blocks import NULL_BLOCK, blocks_for
 
@@ -95,13 +95,12 @@ def prefill_layout(table: torch.Tensor, cached: torch.Tensor, new: torch.Tensor,
     return StepLayout(write_rows, write_slots, read, mask[:, None])
 
 
-class PagedKVCache(Cache):
+class PagedKVCache:
     """The KV pool of every layer; `layout` must be set before each forward pass."""
 
     def __init__(
         self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        super().__init__(layers=[])
         # torch.empty: on CPU the pages are only touched when written, so an idle budget costs nothing.
         self.keys = [torch.empty(num_slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty_like(k) for k in self.keys]
@@ -186,13 +185,23 @@ class PagedKVCache(Cache):
 
 
 class PagedForward:
-    """transformers' forward over the paged cache: the one place the model's own forward is called
-    (every prefill, and the decode step when neither the lean nor the compiled step runs)."""
+    """The model's forward over the paged cache: the one place it is called (every prefill, and
+    the decode step when neither the lean nor the compiled step runs). Our own MiniCPM
+    (model/architecture.py) takes the cache as it is; transformers' Granite takes it wrapped in
+    their Cache class (transformers_cache.py, imported only then)."""
 
     def __init__(self, model: Any, cache: PagedKVCache) -> None:
+        from minicpm_server.model.architecture import MiniCPMForCausalLM
+
         self.model = model
         self.cache = cache
         self._cache_kwarg = cache_argument_name(model)
+        if isinstance(model, MiniCPMForCausalLM):
+            self._given: Any = cache
+        else:
+            from minicpm_server.engine.native.transformers_cache import TransformersCache
+
+            self._given = TransformersCache(cache)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout, **kwargs: Any) -> Any:
         """The model's output for `ids` [B, Q] at `positions` [B, Q]; `layout` says where each
@@ -203,7 +212,7 @@ class PagedForward:
             attention_mask=layout.mask,
             position_ids=positions,
             use_cache=True,
-            **{self._cache_kwarg: self.cache},
+            **{self._cache_kwarg: self._given},
             **kwargs,
         )
 
@@ -216,7 +225,7 @@ class PagedForward:
             attention_mask=layout.mask,
             position_ids=positions,
             use_cache=True,
-            **{self._cache_kwarg: self.cache},
+            **{self._cache_kwarg: self._given},
         )
         return out.last_hidden_state
 

@@ -23,7 +23,8 @@ from minicpm_server.model.checkpoint import load_checkpoint
 
 
 def build_app(model_path: str, device: str) -> FastAPI:
-    loaded = load_checkpoint(model_path, device=device)
+    # the tutorial's server calls transformers' generate(): transformers' Granite classes
+    loaded = load_checkpoint(model_path, device=device, implementation="transformers")
     model, tokenizer = loaded.model, loaded.tokenizer
     app = FastAPI()
 

@@ -372,3 +372,38 @@ def test_bfloat16_weights_in_a_float32_model(tiny_dir) -> None:
             pass
         assert kernels.is_tiled(layer.mlp.down_proj.weight)
         assert torch.equal(model(input_ids=ids).logits, logits)
+
+
+@needs_kernels
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_bfloat16_layers_are_served_from_a_bfloat16_files_mapping(tmp_path) -> None:
+    """A bfloat16 safetensors checkpoint (download.py --convert bf16-safetensors) with --dtype
+    bfloat16: the linear layers compute from the file's mapping, no copy at load (as llama.cpp
+    serves a BF16 GGUF), until the engine tiles them after start-up; the logits equal a copy
+    made at load, before and after tiling, and nothing of the file stays mapped."""
+    from minicpm_server.model.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(
+        tmp_path / "MiniCPM-bf16", "tiny", seed=0, dtype=torch.bfloat16, weights_format="safetensors"
+    )
+    settings = Settings(model_path=path, device="cpu", dtype="bfloat16")
+    form = linear_form(settings, "cpu")
+    model = load_checkpoint(path, device="cpu", dtype="float32", form=form).model
+    copied = load_checkpoint(
+        path, device="cpu", dtype="float32", form=LinearForm("kernel", table_dtype=torch.bfloat16)
+    ).model
+    layers = [m for m in model.modules() if isinstance(m, KernelLinear)]
+    mapped = [layer for layer in layers if getattr(layer.weight, "in_mapping", False)]
+    assert len(mapped) == 7 * len(model.model.layers)  # every linear layer; the tied table is a copy
+    assert str(path.resolve()) in Path("/proc/self/maps").read_text()
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.inference_mode():
+        expected = copied(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, expected)
+        packing = DeferredPacking(layers)
+        while packing.pack_next():
+            pass
+        assert all(layer.is_packed for layer in layers) and kernels.is_tiled(model.model.layers[0].mlp.down_proj.weight)
+        assert torch.equal(model(input_ids=ids).logits, expected)
+    del mapped
+    assert str(path.resolve()) not in Path("/proc/self/maps").read_text()

@@ -245,8 +245,12 @@ class LinearForm:
         return {"packed": "packing", "int8": "quantizing", "kernel": "converting"}.get(self.kind, "copying")
 
     def keeps_view(self, view: torch.Tensor, dtype: torch.dtype) -> bool:
-        """Whether the layer made from `view` computes from the file's mapping for now."""
-        return self.kind == "packed" and self.later and view.dtype == dtype
+        """Whether the layer made from `view` computes from the file's mapping for now: packed
+        later from a file in the model's dtype, or our kernels' bfloat16 layers (tiled later)
+        from a bfloat16 file, as llama.cpp serves a BF16 GGUF from its mapping."""
+        if self.kind == "packed":
+            return self.later and view.dtype == dtype
+        return self.kind == "kernel" and self.later and view.dtype == self.table(dtype) and view.is_contiguous()
 
     def make(
         self, view: torch.Tensor, device: torch.device, dtype: torch.dtype, *, tile: bool = True
@@ -262,6 +266,10 @@ class LinearForm:
         if self.kind == "kernel":
             from minicpm_server.engine.native.kernels import KernelLinear, built_products
 
+            if self.keeps_view(view, dtype):  # its pages leave our resident set once it is tiled
+                layer = KernelLinear(view, built_products())
+                setattr(layer.weight, IN_MAPPING, True)
+                return layer
             layer = KernelLinear(copy_out(view, device, self.table(dtype)), built_products())
             if not self.later:
                 layer.pack_now()  # tiled now (--packing at-load), else by the engine after start-up
@@ -304,7 +312,7 @@ def stream_weights(
                     setattr(*linear, form.make(view, device, dtype))
                     if kept:
                         populate_pages(view)
-                    report.add(form.phase, time.perf_counter() - start)
+                    report.add("mapping" if kept else form.phase, time.perf_counter() - start)
                 elif int8_table and name == "model.embed_tokens.weight":
                     _set_int8_table(model, form.make(view, device, dtype, tile=False))
                     report.add(form.phase, time.perf_counter() - start)

@@ -229,13 +229,16 @@ def test_page_load_requests_nothing_that_404s(browser, page_server) -> None:
     fresh = browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
     try:
         seen = len(page_server.log().splitlines())
+        asked = "POST /v1/chat/completions status=200"
+        asked_before = sum(asked in line for line in page_server.log().splitlines())
         page, errors = open_page(fresh, page_server.url)
         failed: list[str] = []
         page.on("response", lambda response: failed.append(response.url) if response.status >= 400 else None)
         page.fill("#max_tokens", "5")
         ask(page, "hello")  # a round trip after the page loaded, when Chromium fetches the icon it needs
+        # the request's log line is written just after its answer is sent: wait for it
+        page_server.log_lines(asked, at_least=asked_before + 1, timeout=30)
         served = page_server.log().splitlines()[seen:]
-        assert [line for line in served if "POST /v1/chat/completions status=200" in line], "the page never asked"
         assert not [line for line in served if "favicon" in line or "status=404" in line]  # 404s are logged at info
         assert not failed and not errors
         icon = page.evaluate("document.querySelector('link[rel=icon]')?.getAttribute('href') ?? ''")

@@ -239,3 +239,39 @@ def test_the_json_warning_is_for_checkpoints_the_user_brought(tiny_dir: Path, tm
     with caplog.at_level(logging.WARNING, logger="minicpm_server"):
         load_tokenizer(brought)
     assert [r for r in caplog.records if "tokenizer.json tokenizes" in r.getMessage()]
+
+
+def test_the_tokenizer_json_check_is_remembered_per_pair_of_files(tiny_dir, tmp_path, monkeypatch, caplog) -> None:
+    """A checkpoint the user brought, whose tokenizer.json disagrees with tokenizer.model (as the
+    real download's does): warned about at every start, but tokenizer.json is parsed only the
+    first time (0.8-2 s of start-up for the real one), and again once either file changes."""
+    import shutil
+
+    from minicpm_server.model import tokenizer as tokenizer_module
+
+    brought = tmp_path / "brought"
+    shutil.copytree(tiny_dir, brought)
+    (brought / tokenizer_module.BUILT_HERE_MARKER).unlink()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    parsed: list[Path] = []
+    real_init = tokenizer_module.TokenizerJsonTokenizer.__init__
+
+    def counting_init(self, file, config):
+        parsed.append(file)
+        real_init(self, file, config)
+
+    monkeypatch.setattr(tokenizer_module.TokenizerJsonTokenizer, "__init__", counting_init)
+
+    def warnings() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="minicpm_server"):
+            tokenizer_module.load_tokenizer(brought)
+        return [r.getMessage() for r in caplog.records if "probe strings differently" in r.getMessage()]
+
+    first = warnings()
+    assert len(first) == 1 and len(parsed) == 1
+    assert list((tmp_path / "cache" / "minicpm-server" / "tokenizer-probes").glob("*.json"))
+    assert warnings() == first and len(parsed) == 1  # remembered: the same line, no parse
+    with (brought / "tokenizer.json").open("a") as handle:
+        handle.write("\n")  # a changed file is checked again
+    assert warnings() == first and len(parsed) == 2

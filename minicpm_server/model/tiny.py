@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from minicpm_server.cache import cache_root
 from minicpm_server.model.chat import MINICPM_CHAT_TEMPLATE
 from minicpm_server.model.tokenizer import BUILT_HERE_MARKER
 from minicpm_server.settings import Settings
@@ -460,8 +461,7 @@ def cached_tiny_checkpoint(
 
 
 def demo_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "minicpm-server"
+    return cache_root()
 
 
 def _real_tokenizer_dir() -> Path | None:

@@ -14,13 +14,16 @@ Only a checkpoint without `tokenizer.model` is tokenized with its `tokenizer.jso
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from minicpm_server.cache import cache_root
 from minicpm_server.exceptions import first_line as _first_line
 
 log = logging.getLogger("minicpm_server")
@@ -217,13 +220,21 @@ def load_tokenizer(directory: Path) -> Tokenizer:
 
 
 def warn_if_json_disagrees(reference: SentencePieceTokenizer, json_file: Path, config: dict[str, Any]) -> int:
-    """Log one line when tokenizer.json encodes a probe differently; returns how many did."""
-    try:
-        shipped = TokenizerJsonTokenizer(json_file, config)
-    except TokenizerError as exc:
-        log.warning("ignoring %s (%s); tokenizing with %s", json_file.name, exc, reference.source.name)
-        return len(PROBES)
-    differ = [p for p in PROBES if shipped.encode(p) != reference.encode(p)]
+    """Log one line when tokenizer.json encodes a probe differently; returns how many did.
+
+    The outcome depends only on the two files (and the probes), so it is remembered under their
+    digest in the project's cache: parsing the real 11 MB tokenizer.json took 0.8-2 s of every
+    start-up, for the same answer each time."""
+    key = _probe_key(reference.source, json_file, config)
+    differ = _remembered_probe(key)
+    if differ is None:
+        try:
+            shipped = TokenizerJsonTokenizer(json_file, config)
+        except TokenizerError as exc:
+            log.warning("ignoring %s (%s); tokenizing with %s", json_file.name, exc, reference.source.name)
+            return len(PROBES)
+        differ = [p for p in PROBES if shipped.encode(p) != reference.encode(p)]
+        _remember_probe(key, differ)
     if differ:
         log.warning(
             "%s tokenizes %d of %d probe strings differently from %s (e.g. %r); using %s, the sentencepiece "
@@ -236,6 +247,37 @@ def warn_if_json_disagrees(reference: SentencePieceTokenizer, json_file: Path, c
             reference.source.name,
         )
     return len(differ)
+
+
+def _probe_key(model_file: Path, json_file: Path, config: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps([PROBES, config], sort_keys=True, default=str).encode())
+    for file in (model_file, json_file):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def _probe_file(key: str) -> Path:
+    return cache_root() / "tokenizer-probes" / f"{key}.json"
+
+
+def _remembered_probe(key: str) -> list[str] | None:
+    try:
+        found = json.loads(_probe_file(key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, list) and all(p in PROBES for p in found) else None
+
+
+def _remember_probe(key: str, differ: list[str]) -> None:
+    """Written whole or not at all (a temporary file renamed); a cache we cannot write is no error."""
+    target = _probe_file(key)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(differ, ensure_ascii=False), encoding="utf-8")
+        partial.replace(target)
+    except OSError as exc:
+        log.debug("cannot remember the tokenizer probe in %s: %s", target, exc)
 
 
 def _read_config(file: Path) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from minicpm_server.cache import cache_root
 from minicpm_server.model.loading import IN_MAPPING, release_pages
 
 log = logging.getLogger("minicpm_server.engine.native.kernels")
@@ -87,9 +88,7 @@ def built_products() -> CpuProducts | None:
 
 
 def kernel_cache_dir() -> Path:
-    from minicpm_server.model.tiny import demo_cache_dir  # the project's cache root
-
-    return demo_cache_dir() / "kernels"
+    return cache_root() / "kernels"
 
 
 @functools.cache

@@ -378,9 +378,10 @@ def test_bfloat16_weights_in_a_float32_model(tiny_dir) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_bfloat16_layers_are_served_from_a_bfloat16_files_mapping(tmp_path) -> None:
     """A bfloat16 safetensors checkpoint (download.py --convert bf16-safetensors) with --dtype
-    bfloat16: the linear layers compute from the file's mapping, no copy at load (as llama.cpp
-    serves a BF16 GGUF), until the engine tiles them after start-up; the logits equal a copy
-    made at load, before and after tiling, and nothing of the file stays mapped."""
+    bfloat16: the linear layers and the tied table compute from the file's mapping, no copy at
+    load (as llama.cpp serves a BF16 GGUF), until the engine tiles (or, the table, copies) them
+    after start-up; the logits equal a copy made at load, before and after, and nothing of the
+    file stays mapped."""
     from minicpm_server.model.tiny import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(
@@ -392,9 +393,11 @@ def test_bfloat16_layers_are_served_from_a_bfloat16_files_mapping(tmp_path) -> N
     copied = load_checkpoint(
         path, device="cpu", dtype="float32", form=LinearForm("kernel", table_dtype=torch.bfloat16)
     ).model
+    lean_decoder(model)  # the output head becomes a KernelLinear over the tied table, as in the engine
     layers = [m for m in model.modules() if isinstance(m, KernelLinear)]
     mapped = [layer for layer in layers if getattr(layer.weight, "in_mapping", False)]
-    assert len(mapped) == 7 * len(model.model.layers)  # every linear layer; the tied table is a copy
+    assert len(mapped) == 7 * len(model.model.layers) + 1  # every linear layer, and the tied table
+    assert model.lm_head in mapped and model.lm_head.weight is model.model.embed_tokens.weight
     assert str(path.resolve()) in Path("/proc/self/maps").read_text()
     ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
     with torch.inference_mode():

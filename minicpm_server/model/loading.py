@@ -235,8 +235,13 @@ class LinearForm:
     def serves_mapped(self, view: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the model takes `view` itself, a view into the file's mapping, as its tensor:
         with "mapped", every matrix (the linear layers and the embedding table) already in the
-        model's dtype; vectors (the norms) and anything converted are copied."""
-        return self.kind == "mapped" and view.dtype == dtype and view.dim() == 2 and view.is_contiguous()
+        model's dtype; with "kernel" later, the embedding table of a file already in the table's
+        dtype (a bfloat16 checkpoint); vectors (the norms) and anything converted are copied."""
+        if view.dim() != 2 or not view.is_contiguous():
+            return False
+        if self.kind == "kernel":
+            return self.later and view.dtype == self.table(dtype)
+        return self.kind == "mapped" and view.dtype == dtype
 
     @property
     def phase(self) -> str:

@@ -131,20 +131,31 @@ def model_config(config: dict[str, Any]) -> ModelConfig:
 # --------------------------------------------------------------------------- modules
 
 
-class RMSNorm(nn.Module):
-    """Normalised in float32, then back to the input's dtype before the weight's scale."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Granite's RMSNorm: normalised in float32, then back to the input's dtype before the
+    weight's scale. In float32 PyTorch's fused RMSNorm computes bit-identical results in one
+    operation. (The lean decode step and the mixed pass call this too.)"""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
 
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding applied to `x` [..., head_dim] (the rotate-half form)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused operation, same numbers
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -165,11 +176,6 @@ class RotaryEmbedding(nn.Module):
         angles = position_ids.to(like.device)[..., None].float() * inv_freq
         both = torch.cat((angles, angles), dim=-1)
         return both.cos().to(like.dtype), both.sin().to(like.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -199,8 +205,8 @@ class Attention(nn.Module):
             return states.view(batch, queries, count, self.head_dim).transpose(1, 2)
 
         cos, sin = (part[:, None] for part in rotary)  # [B, 1, Q, D]: the same for every head
-        q = _rotate(heads(self.q_proj(x), self.heads), cos, sin)
-        k = _rotate(heads(self.k_proj(x), self.kv_heads), cos, sin)
+        q = rotate(heads(self.q_proj(x), self.heads), cos, sin)
+        k = rotate(heads(self.k_proj(x), self.kv_heads), cos, sin)
         v = heads(self.v_proj(x), self.kv_heads)
         if cache is not None:  # writes this step's keys and values, returns every key the queries may see
             k, v = cache.update(k, v, self.index)

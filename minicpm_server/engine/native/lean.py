@@ -60,6 +60,7 @@ from minicpm_server.engine.native.packed import (
 )
 from minicpm_server.engine.native.paged import BlockDecodeLayout, PagedKVCache
 from minicpm_server.engine.native.quantized import Int8Linear, fuse
+from minicpm_server.model.architecture import rms_norm, rotate
 
 log = logging.getLogger("minicpm_server.engine.native.lean")
 
@@ -244,12 +245,11 @@ class LeanDecoder:
         cos = self.cos[positions][:, None, :]  # [B, 1, D]: the same for every head
         sin = self.sin[positions][:, None, :]
         q_heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        half = dim // 2
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
             qkv = layer.qkv(h).view(rows, q_heads + 2 * kv_heads, dim)
             qk, v = qkv[:, : q_heads + kv_heads], qkv[:, q_heads + kv_heads :]
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            qk = rotate(qk, cos, sin)
             q, k = qk[:, :q_heads], qk[:, q_heads:]
             self.cache.write(index, layout.write_slots, k, v)
             keys, values = self.cache.gather_blocks(index, layout.read_blocks, self.block_size)
@@ -268,10 +268,4 @@ class LeanDecoder:
         return self.lm_head(self._rms_norm(x, self.norm)) / self.logits_scaling
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Granite's RMSNorm: in float32, then back to the weights' dtype before the scale.
-        In float32 PyTorch's fused RMSNorm computes bit-identical results in one operation."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, weight.shape, weight, self.eps)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * normed.to(x.dtype)
+        return rms_norm(x, weight, self.eps)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from minicpm_server.engine.native.blocks import blocks_for
 from minicpm_server.engine.native.lean import LeanDecoder
 from minicpm_server.engine.native.paged import BlockDecodeLayout, slot_ids
+from minicpm_server.model.architecture import rotate
 
 
 @dataclass
@@ -81,13 +82,12 @@ class MixedStep:
         cos = lean.cos[positions][:, None, :]
         sin = lean.sin[positions][:, None, :]
         heads, kv_heads, dim = lean.heads, lean.kv_heads, lean.head_dim
-        half = dim // 2
         tokens = len(ids)
         for index, layer in enumerate(lean.layers):
             h = lean._rms_norm(x, layer.input_norm)
             qkv = layer.qkv(h).view(tokens, heads + 2 * kv_heads, dim)
             qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            qk = rotate(qk, cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             lean.cache.write(index, slots, k, v)
             parts = []

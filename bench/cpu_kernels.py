@@ -16,6 +16,8 @@ from memory and not from the cache (6 float32 layers are 1.5 GB). Candidates:
 * int8 pack_mm:   PyTorch's weight-only int8 kernel, bfloat16 activations (the int8 path without ours)
 * ours int8:      our kernel on int8 weights with float32 scales, tiled as quantized
 * ours int8 rows: the same in rows
+* ... avx2:       (on a CPU with AVX-512) ours f32 / bf16 / int8 from the AVX2 build, which the
+                  AVX-512 build replaces there
 
     python -m bench.cpu_kernels                          # rows 1,4,16; 6 layers; 3 rounds
     python -m bench.cpu_kernels --rows 1,16,64,512 --candidates "f32 packed,ours f32"
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.quant_kernels import int8_weights
-from minicpm_server.engine.native.kernels import cpu_products, tiled
+from minicpm_server.engine.native.kernels import CpuProducts, cpu_products, load_products, tiled
 
 LAYER = ((2304, 6912), (2304, 2304), (2304, 11520), (5760, 2304))  # (in, out) per product
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -72,36 +74,45 @@ def candidates() -> dict[str, Callable[[torch.Tensor], tuple[Product, int]]]:
         "int8 pack_mm": int8_pack_mm,
     }
     if ours is not None:
-
-        def ours_f32(w: torch.Tensor) -> tuple[Product, int]:
-            return (lambda x: ours.linear(x, w)), w.nbytes
-
-        def ours_bf16(layout: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[Product, int]]:
-            def make(w: torch.Tensor) -> tuple[Product, int]:
-                b = layout(w.to(torch.bfloat16))
-                return (lambda x: ours.linear(x, b)), b.nbytes
-
-            return make
-
-        def ours_int8(layout: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[Product, int]]:
-            def make(w: torch.Tensor) -> tuple[Product, int]:
-                q, s = _int8(w, torch.float32)
-                q = layout(q)
-                return (lambda x: ours.linear(x, q, s)), q.nbytes
-
-            return make
-
-        def rows(w: torch.Tensor) -> torch.Tensor:
-            return w
-
-        found |= {
-            "ours f32": ours_f32,
-            "ours bf16": ours_bf16(tiled),
-            "ours bf16 rows": ours_bf16(rows),
-            "ours int8": ours_int8(tiled),
-            "ours int8 rows": ours_int8(rows),
-        }
+        found |= kernel_candidates(ours, "")
+        if ours.isa != "avx2" and (avx2 := load_products("avx2")) is not None:
+            found |= {
+                name: make
+                for name, make in kernel_candidates(avx2, " avx2").items()
+                if name in ("ours f32 avx2", "ours bf16 avx2", "ours int8 avx2")
+            }
     return found
+
+
+def kernel_candidates(ours: CpuProducts, suffix: str) -> dict[str, Callable[[torch.Tensor], tuple[Product, int]]]:
+    def ours_f32(w: torch.Tensor) -> tuple[Product, int]:
+        return (lambda x: ours.linear(x, w)), w.nbytes
+
+    def ours_bf16(layout: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[Product, int]]:
+        def make(w: torch.Tensor) -> tuple[Product, int]:
+            b = layout(w.to(torch.bfloat16))
+            return (lambda x: ours.linear(x, b)), b.nbytes
+
+        return make
+
+    def ours_int8(layout: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[Product, int]]:
+        def make(w: torch.Tensor) -> tuple[Product, int]:
+            q, s = _int8(w, torch.float32)
+            q = layout(q)
+            return (lambda x: ours.linear(x, q, s)), q.nbytes
+
+        return make
+
+    def rows(w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    return {
+        f"ours f32{suffix}": ours_f32,
+        f"ours bf16{suffix}": ours_bf16(tiled),
+        f"ours bf16 rows{suffix}": ours_bf16(rows),
+        f"ours int8{suffix}": ours_int8(tiled),
+        f"ours int8 rows{suffix}": ours_int8(rows),
+    }
 
 
 def time_layers(products: list[Product], inputs: dict[int, torch.Tensor], repeats: int) -> float:
@@ -128,7 +139,11 @@ def main() -> None:
     missing = [n for n in names if n not in makers]
     if missing:
         raise SystemExit(f"unknown or unavailable here: {', '.join(missing)} (known: {', '.join(makers)})")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+    ours = cpu_products()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
+        f"our kernels: {ours.isa if ours else 'none'}"
+    )
     generator = torch.Generator().manual_seed(0)
     weights = [
         torch.randn(out, fan_in, generator=generator) * 0.02 for _ in range(args.layers) for fan_in, out in LAYER
@@ -148,7 +163,7 @@ def main() -> None:
             seconds = statistics.median(samples[name])
             speed = f"  {base / seconds:5.2f}x f32 packed" if base else ""
             print(
-                f"rows {rows:4d}  {name:14s} {seconds * 1e3:8.2f} ms/layer  "
+                f"rows {rows:4d}  {name:19s} {seconds * 1e3:8.2f} ms/layer  "
                 f"{built[name][1] / seconds / 1e9:5.1f} GB/s{speed}",
                 flush=True,
             )

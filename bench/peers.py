@@ -47,7 +47,9 @@ The servers, each alone on the machine while it is measured (start, warm up, mea
               took 2-20 s with 2 threads, 0.6 s with 1; the medium one made 1.5 vs 64 tok/s).
 
 vLLM runs with VLLM_CPU_OMP_THREADS_BIND=0,1 VLLM_CPU_NUM_OF_RESERVED_CPU=0
-VLLM_CPU_KVCACHE_SPACE=1 (both cores; 1 GB of KV is plenty here), float32, 32 sequences at most,
+VLLM_CPU_KVCACHE_SPACE sized from the checkpoint (room for one whole window and for 32 clients'
+sequences, float32: 1 GB for the medium checkpoint, 3 GB for the full size; vLLM refuses to start
+with less than one window), both cores, float32, 32 sequences at most,
 prefix caching on (its default), both as a peer and behind our server.
 
 Equal work. Every request goes to `POST /v1/completions` with the tutorial's sampling
@@ -197,7 +199,14 @@ PRECISIONS = {
 
 
 def our_server(
-    name: str, python: str, engine: str, model: Path, port: int, precision: str = "f32", packing: str | None = "at-load"
+    name: str,
+    python: str,
+    engine: str,
+    model: Path,
+    port: int,
+    precision: str = "f32",
+    packing: str | None = "at-load",
+    kv_gib: int = 1,
 ) -> Server:
     """Our server as the speed benchmark runs it. `packing`: --packing for the native engine;
     at-load by default, so speed is measured with the layers packed from the first request on
@@ -210,8 +219,8 @@ def our_server(
     if engine == "native" and packing is not None:
         argv += ["--packing", packing]
     if engine == "vllm":
-        argv += ["--kv-cache-gb", "1"]
-        env = dict(VLLM_CPU_ENV)
+        argv += ["--kv-cache-gb", str(kv_gib)]
+        env = VLLM_CPU_ENV | {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     if name == "ours-1t":
         env["OMP_NUM_THREADS"] = "1"  # torch's intra-op threads
     if name == "ours-mixed":
@@ -221,7 +230,17 @@ def our_server(
     return Server(name, argv, "text", {"repetition_penalty": DEFAULT_REPETITION_PENALTY}, env)
 
 
-def vllm_server(name: str, venv: Path, granite_dir: Path, window: int, port: int) -> Server:
+def vllm_kv_space_gib(config: dict, sequences: int, per_slot: int) -> int:
+    """VLLM_CPU_KVCACHE_SPACE for this checkpoint: room for one sequence of the whole window (vLLM
+    refuses to start without it) and for every client's sequence, float32 KV, whole GiB."""
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    per_token = config["num_hidden_layers"] * 2 * kv_heads * head_dim * 4
+    tokens = max(config["max_position_embeddings"], sequences * per_slot)
+    return max(1, -(-tokens * per_token // 2**30))
+
+
+def vllm_server(name: str, venv: Path, granite_dir: Path, window: int, kv_gib: int, port: int) -> Server:
     argv = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(granite_dir)]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", VLLM_NAME]
     argv += ["--dtype", "float32", "--max-model-len", str(window), "--max-num-seqs", "32", "--seed", "0"]
@@ -230,7 +249,7 @@ def vllm_server(name: str, venv: Path, granite_dir: Path, window: int, port: int
     if name == "vllm-ids":  # no text comes back: the first token is seen through token_ids
         argv.append("--skip-tokenizer-init")
         body["return_token_ids"] = True
-    return Server(name, argv, "ids", body, dict(VLLM_CPU_ENV))
+    return Server(name, argv, "ids", body, VLLM_CPU_ENV | {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)})
 
 
 def llama_server(name: str, gguf: Path, slots: int, per_slot: int, port: int, kv_type: str = "f32") -> Server:
@@ -503,9 +522,11 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
                 our_server, name, args.ours_python, args.ours_engine, model, precision=args.precision
             )
         elif name == "ours+vllm":
-            makers[name] = functools.partial(our_server, "ours+vllm", venv_python, "vllm", model)
+            kv_gib = vllm_kv_space_gib(json.loads((model / "config.json").read_text()), 32, per_slot)
+            makers[name] = functools.partial(our_server, "ours+vllm", venv_python, "vllm", model, kv_gib=kv_gib)
         elif name in ("vllm", "vllm-ids"):
-            makers[name] = functools.partial(vllm_server, name, args.vllm_venv, granite_dir_for(model), window)
+            kv_gib = vllm_kv_space_gib(json.loads((model / "config.json").read_text()), 32, per_slot)
+            makers[name] = functools.partial(vllm_server, name, args.vllm_venv, granite_dir_for(model), window, kv_gib)
         elif name in ("llama", "llama-1t"):
             ensure_llama_built()
             slots = max([*args.concurrency, TTFT_CLIENTS + 1])

@@ -5,6 +5,7 @@ what the lean decoder computes with on CPU, without copying a weight."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import sys
@@ -41,6 +42,25 @@ def test_kernels_build_wherever_they_can() -> None:
         assert cpu_products() is None
 
 
+@functools.cache
+def build_for(isa: str) -> kernels.CpuProducts | None:
+    return kernels.load_products(isa)
+
+
+# Every build this CPU runs (AVX-512 and AVX2 on an AVX-512 CPU): the one not chosen by
+# cpu_products() must stay right too, for the machines where it is the best.
+@pytest.fixture(params=kernels.isas_here() if buildable else ["none"])
+def products(request) -> kernels.CpuProducts:
+    built = build_for(request.param) if buildable else None
+    assert built is not None, f"the {request.param} build failed here"
+    return built
+
+
+def test_the_best_build_is_chosen() -> None:
+    if buildable:
+        assert cpu_products().isa == kernels.isas_here()[0]
+
+
 def reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     dense = weight.double() if scales is None else weight.double() * scales.double()[:, None]
     return (x.double() @ dense.t()).float()
@@ -56,11 +76,10 @@ def stored(dtype: torch.dtype, out: int, inner: int, generator: torch.Generator)
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize(("out", "inner"), [(1, 8), (5, 16), (33, 64), (122, 2304)])
-def test_products_equal_pytorchs(dtype: torch.dtype, out: int, inner: int) -> None:
-    products = cpu_products()
+def test_products_equal_pytorchs(products, dtype: torch.dtype, out: int, inner: int) -> None:
     generator = torch.Generator().manual_seed(out * inner)
     weight, scales = stored(dtype, out, inner, generator)
-    for rows in (0, 1, 2, 3, 4, 5, 6, 7, 16, 17):  # every tile shape and tail: 3s, 2 + 2, 2, 1
+    for rows in (0, 1, 2, 3, 4, 5, 6, 7, 16, 17):  # every group shape and tail: 6s or 3s, 2 + 2, 2, 1
         x = torch.randn(rows, inner, generator=generator)
         got = products.linear(x, weight, scales)
         assert got.shape == (rows, out) and got.dtype == torch.float32
@@ -70,11 +89,10 @@ def test_products_equal_pytorchs(dtype: torch.dtype, out: int, inner: int) -> No
 
 
 @needs_kernels
-def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads() -> None:
+def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads(products) -> None:
     """Each output is summed by one thread in one order: alone, in any batch, with one thread or
     two, a row's result is the same to the bit (what lets a request's answer not depend on the
     others running beside it)."""
-    products = cpu_products()
     generator = torch.Generator().manual_seed(7)
     weight = torch.randn(301, 512, generator=generator)
     batch = torch.randn(11, 512, generator=generator)
@@ -114,6 +132,85 @@ def test_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog)
             assert "unavailable" in caplog.text and "false exited with" in caplog.text
     finally:
         kernels._load.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_a_long_prompts_products_are_taken_in_blocks_and_pieces_to_the_same_bits(products, dtype) -> None:
+    """Inputs too many for the cache (300 rows of 1,032: 1.2 MB) go through the weights in blocks
+    and through the inputs in pieces of 1,024 (the last one 8 wide, a half register for
+    AVX-512), keeping partial sums between pieces: each row's result is still the one it gets
+    alone, in either layout, and PyTorch's within rounding."""
+    generator = torch.Generator().manual_seed(300)
+    inner = 1032 if dtype == torch.float32 else 1024 + kernels.TILE_BLOCK[dtype]
+    weight, scales = stored(dtype, 68, inner, generator)
+    x = torch.randn(300, inner, generator=generator)
+    got = products.linear(x, weight, scales)
+    expected = reference(x, weight, scales)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * (1 + expected.abs().max().item()))
+    for i in (0, 5, 6, 7, 299):
+        assert torch.equal(products.linear(x[i : i + 1], weight, scales)[0], got[i])
+    if dtype != torch.float32:
+        assert torch.equal(products.linear(x, kernels.tiled(weight), scales), got)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "dim"), [(36, 36, 64), (4, 2, 32), (2, 1, 40)])
+def test_decode_attention_reads_the_block_pool_as_pytorchs_attention_reads_a_copy(
+    products, dtype, q_heads: int, kv_heads: int, dim: int
+) -> None:
+    """Each row's query against its visible tokens, wherever its blocks lie in the pool (out of
+    order, shared, past its table the null block): PyTorch's attention on a gathered copy within
+    rounding, and each row's result the one it gets alone."""
+    block, rows = 16, 5
+    generator = torch.Generator().manual_seed(q_heads * dim)
+    keys = torch.randn(40 * block, kv_heads, dim, generator=generator).to(dtype)
+    values = torch.randn(40 * block, kv_heads, dim, generator=generator).to(dtype)
+    tables = torch.stack([torch.randperm(39, generator=generator)[:9] + 1 for _ in range(rows)])
+    tables[1, :] = tables[0, :]  # two rows sharing a prefix's blocks
+    visible = torch.tensor([1, 17, 144, 33, 100])
+    tables[0, 1:] = 0  # the null block past a short row's table
+    q = torch.randn(rows, q_heads, dim, generator=generator)
+    got = products.decode_attention(q, keys, values, tables, block, visible, 0.2)
+    for r in range(rows):
+        slots = (tables[r, :, None] * block + torch.arange(block)).reshape(-1)[: int(visible[r])]
+        k, v = (t[slots].float().transpose(0, 1) for t in (keys, values))
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[r].view(kv_heads, q_heads // kv_heads, dim), k, v, scale=0.2
+        ).reshape(q_heads, dim)
+        assert torch.allclose(got[r], expected, rtol=1e-4, atol=1e-5)
+        alone = products.decode_attention(q[r : r + 1], keys, values, tables[r : r + 1], block, visible[r : r + 1], 0.2)
+        assert torch.equal(alone[0], got[r])
+    with pytest.raises(ValueError, match="do not match"):
+        products.decode_attention(q, keys, values, tables, block, visible[:2], 0.2)
+    assert not products.attention_supports(keys.half(), dim)
+
+
+@needs_kernels
+def test_the_lean_step_attends_from_the_pool_without_gathering(tiny_dir, monkeypatch) -> None:
+    """With the kernels, the engine's decode steps read the block pool in place (nothing is
+    gathered into a dense copy) and answer as the gathering path does without the kernels."""
+
+    def answer(loaded) -> str:
+        async def body(engine):
+            return (await result(submit(engine, loaded, PROMPTS[0], greedy(8)))).text
+
+        return run(loaded, body)
+
+    kernels.use_cpu_kernels(False)
+    try:
+        gathered = answer(load_checkpoint(tiny_dir, device="cpu", dtype="float32"))
+    finally:
+        kernels.use_cpu_kernels(True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the lean step gathered the pool")
+
+    monkeypatch.setattr(PagedKVCache, "gather_blocks", refuse)
+    loaded = load_checkpoint(tiny_dir, device="cpu", dtype="float32")
+    assert lean_decoder(loaded.model).attention is not None
+    assert answer(loaded) == gathered
 
 
 @needs_kernels

@@ -75,21 +75,32 @@ def step_inputs(rows: int, vocab: int):
     ("fixture", "dtype"), [("tiny_dir", "float32"), ("gqa_dir", "float32"), ("tiny_dir", "bfloat16")]
 )
 def test_lean_logits_match_transformers(request, fixture: str, dtype: str) -> None:
-    eager, lean = decoder_pair(request.getfixturevalue(fixture), dtype)
+    """In float32 the two agree to rounding. In bfloat16 each path rounds differently (our
+    attention kernel computes in float32 and rounds once; PyTorch's bfloat16 attention rounds on
+    the way), so each is held to the float32 computation instead: the lean step must be no
+    further from it than transformers' bfloat16 forward is (tiny checkpoint: both about 0.05-0.09
+    on the logits and 0.15-0.27 on deeper layers' keys)."""
+    path = request.getfixturevalue(fixture)
+    eager, lean = decoder_pair(path, dtype)
     assert eager.lean is None and lean.lean is not None
-    tolerance = 1e-4 if dtype == "float32" else 3e-2
+    reference = lean if dtype == "float32" else decoder_pair(path, "float32")[1]
     with torch.inference_mode():
         for rows in (1, 3, 4):  # ragged lengths: rows read different numbers of blocks
             inputs = step_inputs(rows, eager.model.config.vocab_size)
-            expected, got = eager(*inputs), lean(*inputs)
+            expected, got, exact = eager(*inputs).float(), lean(*inputs).float(), reference(*inputs).float()
             assert got.shape == expected.shape
-            assert torch.allclose(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
-            if dtype == "float32":
-                assert torch.equal(got.argmax(-1), expected.argmax(-1))
-            # both wrote this step's keys and values into the same slots
+            # both wrote this step's keys into the same slots
             slots = inputs[2].gather(1, (inputs[1] // BLOCK)[:, None])[:, 0] * BLOCK + inputs[1] % BLOCK
-            for a, b in zip(eager.cache.keys, lean.cache.keys, strict=True):
-                assert torch.allclose(a[slots].float(), b[slots].float(), atol=tolerance, rtol=tolerance)
+            if dtype == "float32":
+                assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+                assert torch.equal(got.argmax(-1), expected.argmax(-1))
+                for a, b in zip(eager.cache.keys, lean.cache.keys, strict=True):
+                    assert torch.allclose(a[slots], b[slots], atol=1e-4, rtol=1e-4)
+                continue
+            assert (got - exact).abs().max() <= 1.25 * (expected - exact).abs().max() + 1e-2
+            for a, b, c in zip(eager.cache.keys, lean.cache.keys, reference.cache.keys, strict=True):
+                ours, theirs = (b[slots].float() - c[slots]).abs().max(), (a[slots].float() - c[slots]).abs().max()
+                assert ours <= 1.25 * theirs + 2e-2
 
 
 def test_relayout_shares_storage_and_keeps_transformers_forward(tiny_dir) -> None:

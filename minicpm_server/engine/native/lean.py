@@ -165,6 +165,10 @@ class LeanDecoder:
             )
             for layer in inner.layers
         ]
+        # Attention read straight from the block pool (kernels/attention.cpp), not gathered first.
+        self.attention = (
+            products if products is not None and products.attention_supports(cache.keys[0], self.head_dim) else None
+        )
         self.packed = isinstance(self.layers[0].qkv, PackedProjection)
         self.quantized = isinstance(self.layers[0].qkv, Int8Linear)  # --quantization int8
         self.kernels = isinstance(self.layers[0].qkv, (KernelLinear, KernelProjection))
@@ -252,20 +256,36 @@ class LeanDecoder:
             qk = rotate(qk, cos, sin)
             q, k = qk[:, :q_heads], qk[:, q_heads:]
             self.cache.write(index, layout.write_slots, k, v)
-            keys, values = self.cache.gather_blocks(index, layout.read_blocks, self.block_size)
-            # One query per row: the query heads sharing a KV head become that head's queries, so
-            # grouped KV is never repeated (the [B, 1, 1, T] mask broadcasts over them).
-            attended = F.scaled_dot_product_attention(
-                q.reshape(rows, kv_heads, q_heads // kv_heads, dim),
-                keys,
-                values,
-                attn_mask=layout.mask,
-                scale=self.attention_multiplier,
-            )
+            attended = self._attend(index, q, layout)
             x = x + layer.o(attended.reshape(rows, q_heads * dim)) * self.residual_multiplier
             gate, up = layer.gate_up(self._rms_norm(x, layer.post_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up) * self.residual_multiplier
         return self.lm_head(self._rms_norm(x, self.norm)) / self.logits_scaling
+
+    def _attend(self, index: int, q: torch.Tensor, layout: BlockDecodeLayout) -> torch.Tensor:
+        """Layer `index`'s attention for one query per row: [rows, q_heads, head_dim] in q's dtype."""
+        if self.attention is not None:
+            attended = self.attention.decode_attention(
+                q,
+                self.cache.keys[index],
+                self.cache.values[index],
+                layout.read_blocks,
+                self.block_size,
+                layout.visible,
+                self.attention_multiplier,
+            )
+            return attended.to(q.dtype)
+        rows, q_heads, dim = q.shape
+        keys, values = self.cache.gather_blocks(index, layout.read_blocks, self.block_size)
+        # One query per row: the query heads sharing a KV head become that head's queries, so
+        # grouped KV is never repeated (the [B, 1, 1, T] mask broadcasts over them).
+        return F.scaled_dot_product_attention(
+            q.reshape(rows, self.kv_heads, q_heads // self.kv_heads, dim),
+            keys,
+            values,
+            attn_mask=layout.mask,
+            scale=self.attention_multiplier,
+        )
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, weight, self.eps)

@@ -109,17 +109,8 @@ class MixedStep:
         return logits[:rows], logits[rows:]
 
     def _decode_attention(self, index: int, q: torch.Tensor, layout: BlockDecodeLayout) -> torch.Tensor:
-        lean = self.lean
-        rows, heads, kv_heads, dim = len(q), lean.heads, lean.kv_heads, lean.head_dim
-        keys, values = lean.cache.gather_blocks(index, layout.read_blocks, lean.block_size)
-        attended = F.scaled_dot_product_attention(
-            q.reshape(rows, kv_heads, heads // kv_heads, dim),
-            keys,
-            values,
-            attn_mask=layout.mask,
-            scale=lean.attention_multiplier,
-        )
-        return attended.reshape(rows, heads * dim)
+        """The running rows' attention, as the lean decode step computes it."""
+        return self.lean._attend(index, q, layout).reshape(len(q), self.lean.heads * self.lean.head_dim)
 
     def _prompt_attention(self, index: int, q: torch.Tensor, prompt: PromptPart) -> torch.Tensor:
         lean = self.lean

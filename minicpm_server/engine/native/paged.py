@@ -64,6 +64,7 @@ class BlockDecodeLayout:
     write_slots: torch.Tensor  # [B] long: where each row's new token goes
     read_blocks: torch.Tensor  # [B, blocks] long: each row's first blocks (null block past its table)
     mask: torch.Tensor  # [B, 1, 1, blocks * block_size] bool: True = may attend
+    visible: torch.Tensor  # [B] long: how many keys each row attends to (its length + 1)
 
 
 def block_decode_layout(table: torch.Tensor, lengths: torch.Tensor, width: int, block_size: int) -> BlockDecodeLayout:
@@ -72,7 +73,7 @@ def block_decode_layout(table: torch.Tensor, lengths: torch.Tensor, width: int, 
     keys = torch.arange(blocks * block_size, device=table.device)
     visible = keys[None, :] <= lengths[:, None]
     write = slot_ids(table, lengths[:, None], block_size)[:, 0]
-    return BlockDecodeLayout(write, table[:, :blocks], visible[:, None, None, :])
+    return BlockDecodeLayout(write, table[:, :blocks], visible[:, None, None, :], lengths + 1)
 
 
 def prefill_layout(table: torch.Tensor, cached: torch.Tensor, new: torch.Tensor, block_size: int) -> StepLayout:

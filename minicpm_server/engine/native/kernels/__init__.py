@@ -55,11 +55,20 @@ from minicpm_server.model.loading import IN_MAPPING, release_pages
 
 log = logging.getLogger("minicpm_server.engine.native.kernels")
 
-SOURCE = Path(__file__).with_name("products.cpp")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("products.cpp", "attention.cpp"))
+HEADERS = (Path(__file__).with_name("vectors.h"),)
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# The builds, best first: instruction-set flags, and the CPU capability PyTorch must report for
+# each (which follows ATEN_CPU_CAPABILITY=avx2, say, where that is set).
+ISA_FLAGS = {
+    "avx512": ("-mavx2", "-mfma", "-DMINICPM_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"),
+    "avx2": ("-mavx2", "-mfma"),
+}
+ISA_CAPABILITIES = {"avx512": {"AVX512"}, "avx2": {"AVX2", "AVX512"}}
 # The CPU capabilities PyTorch reports that include AVX2 and FMA.
-CAPABLE = {"AVX2", "AVX512"}
-# Inner sizes must be a multiple of this (one AVX2 register of float32).
+CAPABLE = ISA_CAPABILITIES["avx2"]
+# Inner sizes must be a multiple of this (one AVX2 register of float32; AVX-512 takes a last
+# half register).
 WIDTH = 8
 BUILD_TIMEOUT_S = 300
 
@@ -91,18 +100,39 @@ def kernel_cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
+def isas_here() -> list[str]:
+    """The builds this CPU runs, best first (none without AVX2)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return [isa for isa, capabilities in ISA_CAPABILITIES.items() if capability in capabilities]
+
+
 @functools.cache
 def _load() -> CpuProducts | None:
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in CAPABLE:
-        log.info("our CPU kernels need AVX2 (this CPU: %s); using PyTorch's products", capability)
+    """The best build that compiles and agrees with PyTorch here (logged once)."""
+    isas = isas_here()
+    if not isas:
+        log.info(
+            "our CPU kernels need AVX2 (this CPU: %s); using PyTorch's products",
+            torch.backends.cpu.get_cpu_capability(),
+        )
         return None
+    for isa in isas:
+        products = load_products(isa)
+        if products is not None:
+            return products
+    return None
+
+
+def load_products(isa: str) -> CpuProducts | None:
+    """One build ("avx512" or "avx2"), built unless cached, loaded and checked; None (logged)
+    where it fails. cpu_products() keeps the best one for the process."""
     try:
-        products = CpuProducts(ctypes.CDLL(str(build())))
+        products = CpuProducts(ctypes.CDLL(str(build(isa))), isa)
         products.check()
     except (KernelBuildError, OSError, AttributeError) as exc:
-        log.warning("our CPU kernels are unavailable (%s); using PyTorch's products", exc)
+        log.warning("our %s CPU kernels are unavailable (%s); using PyTorch's products", isa.upper(), exc)
         return None
+    log.info("our CPU kernels: the %s build", isa.upper())
     return products
 
 
@@ -113,12 +143,13 @@ def compiler() -> str:
     return found
 
 
-def build() -> Path:
-    """The compiled library, built now unless the cache has it."""
+def build(isa: str = "avx2") -> Path:
+    """The compiled library for one instruction set, built now unless the cache has it."""
     cxx = compiler()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cxx, *FLAGS)).encode()).hexdigest()[:16]
-    target = kernel_cache_dir() / f"products-{key}.so"
+    flags = (*FLAGS, *ISA_FLAGS[isa])
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(source + " ".join((cxx, *flags)).encode()).hexdigest()[:16]
+    target = kernel_cache_dir() / f"products-{isa}-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +158,10 @@ def build() -> Path:
         built = Path(staging) / target.name
         try:
             run = subprocess.run(
-                [cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+                [cxx, *flags, *map(str, SOURCES), "-o", str(built)],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise KernelBuildError(f"{cxx} failed to run: {exc}") from exc
@@ -135,7 +169,7 @@ def build() -> Path:
             detail = " ".join(run.stderr.strip().splitlines()[-3:])
             raise KernelBuildError(f"{cxx} exited with {run.returncode}: {detail}")
         os.replace(built, target)
-    log.info("built our CPU kernels in %.1f s (%s)", time.perf_counter() - start, target)
+    log.info("built our %s CPU kernels in %.1f s (%s)", isa.upper(), time.perf_counter() - start, target)
     return target
 
 
@@ -187,7 +221,8 @@ def matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
 class CpuProducts:
     """y = x @ W^T (times a scale per output for int8), W as stored: [out, in], row-major."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, isa: str = "avx2") -> None:
+        self.isa = isa
         pointer, size, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         self._f32 = library.minicpm_product_f32
         self._f32.argtypes = [pointer, size, size, pointer, size, pointer, size, count]
@@ -195,11 +230,18 @@ class CpuProducts:
         self._bf16.argtypes = [pointer, size, size, pointer, count, size, pointer, size, count]
         self._int8 = library.minicpm_product_int8
         self._int8.argtypes = [pointer, size, size, pointer, count, pointer, size, pointer, size, count]
-        for function in (self._f32, self._bf16, self._int8):
+        self._attention = library.minicpm_decode_attention
+        self._attention.argtypes = [pointer, size, size, size, size, pointer, pointer, count, pointer, size, size]
+        self._attention.argtypes += [pointer, ctypes.c_float, pointer, count]
+        self.attention_max_dim = library.minicpm_attention_max_dim()
+        for function in (self._f32, self._bf16, self._int8, self._attention):
             function.restype = None
         blocks = {torch.bfloat16: library.minicpm_tile_block_bf16(), torch.int8: library.minicpm_tile_block_int8()}
         if blocks != TILE_BLOCK:
             raise KernelBuildError(f"the library tiles in blocks of {blocks}, this module expects {TILE_BLOCK}")
+        lanes = library.minicpm_lanes()
+        if lanes != {"avx512": 16, "avx2": 8}[isa]:
+            raise KernelBuildError(f"the {isa} library computes {lanes} lanes at a time")
 
     @staticmethod
     def supports(weight: torch.Tensor) -> bool:
@@ -250,6 +292,48 @@ class CpuProducts:
         else:
             self._f32(x, count, in_features, w, out_features, out, ldy, threads)
 
+    def attention_supports(self, keys: torch.Tensor, head_dim: int) -> bool:
+        """Whether decode_attention() reads this pool ([slots, kv_heads, head_dim], contiguous)."""
+        return (
+            keys.device.type == "cpu"
+            and keys.dtype in (torch.float32, torch.bfloat16)
+            and keys.is_contiguous()
+            and head_dim % WIDTH == 0
+            and head_dim <= self.attention_max_dim
+        )
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        blocks: torch.Tensor,
+        block_size: int,
+        visible: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """One decode step's attention, float32 [rows, q_heads, head_dim]: each row's query heads
+        `q` ([rows, q_heads, head_dim]) against its first `visible[r]` (>= 1) keys and values in
+        the blocks `blocks[r]` ([rows, width] long) names, of one layer's pool ([slots, kv_heads,
+        head_dim], float32 or bfloat16); scores times `scale`, a softmax, the values' weighted sum."""
+        rows, q_heads, dim = q.shape
+        kv_heads = keys.shape[1]
+        if not self.attention_supports(keys, dim) or values.shape != keys.shape or values.dtype != keys.dtype:
+            raise ValueError("this KV pool is not a layout the attention kernel reads")
+        if q_heads % kv_heads or keys.shape[2] != dim or blocks.shape[0] != rows or visible.shape != (rows,):
+            raise ValueError("queries, pool, block tables and lengths do not match")
+        q = q.to(torch.float32).contiguous()
+        blocks = blocks.to(torch.int64).contiguous()
+        visible = visible.to(torch.int64).contiguous()
+        values = values.contiguous()
+        out = torch.empty((rows, q_heads, dim), dtype=torch.float32)
+        self._attention(
+            q.data_ptr(), rows, q_heads, kv_heads, dim, keys.data_ptr(), values.data_ptr(),
+            int(keys.dtype == torch.bfloat16), blocks.data_ptr(), blocks.shape[1], block_size,
+            visible.data_ptr(), scale, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
     def check(self) -> None:
         """Compare each kernel with PyTorch's product on odd sizes (every tile and tail shape)."""
         generator = torch.Generator().manual_seed(0)
@@ -265,11 +349,32 @@ class CpuProducts:
             for name, (stored, scale, reference) in cases.items():
                 if not torch.allclose(self.linear(x, stored, scale), x @ reference.t(), rtol=1e-4, atol=1e-4):
                     raise KernelBuildError(f"the {name} kernel disagrees with PyTorch's product")
+        self._check_attention(generator)
         wide = torch.randn(8, 128, generator=generator)  # the tiled layout: two tiles, two int8 blocks
         x = torch.randn(5, 128, generator=generator)
         for stored, scale in ((wide.bfloat16(), None), (wide.mul(10).round().to(torch.int8), scales[:8])):
             if not torch.equal(self.linear(x, tiled(stored), scale), self.linear(x, stored, scale)):
                 raise KernelBuildError(f"the tiled {stored.dtype} kernel disagrees with the one over rows")
+
+    def _check_attention(self, generator: torch.Generator) -> None:
+        """decode_attention() against PyTorch's attention on dense copies: 3 rows, grouped heads,
+        a head size with a half AVX-512 register, blocks out of order, float32 and bfloat16."""
+        block, dim, kv_heads, q_heads = 4, 24, 2, 4
+        q = torch.randn(3, q_heads, dim, generator=generator)
+        blocks = torch.tensor([[5, 1, 3], [2, 0, 0], [4, 6, 0]])
+        visible = torch.tensor([11, 3, 6])
+        for dtype in (torch.float32, torch.bfloat16):
+            keys = torch.randn(7 * block, kv_heads, dim, generator=generator).to(dtype)
+            values = torch.randn(7 * block, kv_heads, dim, generator=generator).to(dtype)
+            got = self.decode_attention(q, keys, values, blocks, block, visible, 0.3)
+            for r in range(3):
+                slots = (blocks[r, :, None] * block + torch.arange(block)).reshape(-1)[: int(visible[r])]
+                k, v = (t[slots].float().transpose(0, 1) for t in (keys, values))  # [kv_heads, T, dim]
+                expected = torch.nn.functional.scaled_dot_product_attention(
+                    q[r].view(kv_heads, q_heads // kv_heads, dim), k, v, scale=0.3
+                ).reshape(q_heads, dim)
+                if not torch.allclose(got[r], expected, rtol=1e-4, atol=1e-5):
+                    raise KernelBuildError(f"the {dtype} attention kernel disagrees with PyTorch's attention")
 
 
 class KernelLinear(torch.nn.Module):

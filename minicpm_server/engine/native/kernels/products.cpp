@@ -16,123 +16,188 @@
 // its 4 KB page boundaries: 1.12-1.13x at one row on the full-size shapes, level at 16 rows
 // (there the products are bound by arithmetic).
 //
-// Each task is a tile of 4 outputs (4 weight rows). Rows go through it 3 at a time (12
-// accumulators, 3 inputs and one weight vector fill the 16 AVX2 registers); the weight rows
-// stay in the core's cache while the row groups pass over them. Outputs are shared between
-// OpenMP threads in contiguous ranges; each output is summed by one thread, in one order, so
-// the result does not depend on the thread count or on the other rows in the batch.
+// Each task is a tile of 4 outputs (4 weight rows). Rows go through it a group at a time: 3 rows
+// with AVX2 (12 accumulators, 3 inputs and one weight vector fill its 16 registers), 6 with
+// AVX-512 (24 + 6 + 1 of its 32). Outputs are shared between OpenMP threads in contiguous
+// ranges, and each thread walks its range in blocks of about 1 MB of weights: every row group
+// passes over a whole block while it sits in the core's L2 cache, so a long prompt's inputs
+// are read from the caches once per block instead of once per tile (at 512 rows, one pass per
+// tile re-read 0.8 GB of inputs per product). Each output is summed by one thread, in one
+// order, so the result does not depend on the thread count, the blocks, or the other rows in
+// the batch.
 //
-// Built once by kernels/build.py (g++ -O3 -mavx2 -mfma -fopenmp); `in` must be a multiple of 8.
+// Compiled twice by kernels/__init__.py: for AVX2 and FMA (-mavx2 -mfma: 8 lanes), and, where
+// the CPU has it, for AVX-512 (-DMINICPM_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx512dq:
+// 16 lanes, twice the arithmetic per instruction). `in` must be a multiple of 8 in both; with
+// 16 lanes a row's last 8 inputs, where `in` is an odd multiple of 8, go through a masked step.
+// The two builds sum in different orders (8 or 16 partial sums), so their results differ in the
+// last bits; one process uses one of them.
 
-#include <immintrin.h>
+#include <omp.h>
+
+#include "vectors.h"
 
 #include <algorithm>
 #include <cstdint>
 
 namespace {
 
-struct Float32 {
-  using Weight = float;
-  static constexpr long BLOCK = 16;
-  static inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
-};
-
-struct BFloat16 {  // the upper half of a float32: widening is a 16-bit shift
-  using Weight = uint16_t;
-  static constexpr long BLOCK = 32;
-  static inline __m256 load(const uint16_t* p) {
-    __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-  }
-};
-
-struct Int8 {
-  using Weight = int8_t;
-  static constexpr long BLOCK = 64;
-  static inline __m256 load(const int8_t* p) {
-    __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-  }
-};
+using namespace minicpm;
 
 constexpr long PREFETCH_AHEAD = 1024;  // bytes ahead of the tiled block being read (measured: 512-2048 alike)
 
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// OUTS weight rows against ROWS input rows: OUTS x ROWS dot products of length `in`. `w`: the
-// tile's first weight; TILED: the tile is laid out in blocks (OUTS is then 4), else in rows.
+// OUTS weight rows against ROWS input rows: OUTS x ROWS dot products over inputs [from, to) of
+// `in`. `w`: the tile's first weight; TILED: the tile is laid out in blocks (OUTS is then 4),
+// else in rows. A product taken in pieces of the inputs keeps its partial sums, whole vectors,
+// in `carry` between pieces (OUTS x ROWS of them), so every lane adds the same terms in the
+// same order as in one piece: the result is the same to the bit.
 template <class W, int OUTS, int ROWS, bool TILED>
 inline __attribute__((always_inline)) void tile(const typename W::Weight* w, long in, const float* x, float* y,
-                                                long ldy, const float* scale) {
-  __m256 acc[OUTS][ROWS];
+                                                long ldy, const float* scale, long from, long to, Vec* carry) {
+  Vec acc[OUTS][ROWS];
 #pragma GCC unroll 4
   for (int o = 0; o < OUTS; ++o)
-#pragma GCC unroll 4
-    for (int r = 0; r < ROWS; ++r) acc[o][r] = _mm256_setzero_ps();
-  // 8 inputs of every row against the same 8 of each output, `stride` weights apart
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) acc[o][r] = from == 0 ? zero() : carry[o * ROWS + r];
+  // LANES inputs of every row against the same LANES of each output, `stride` weights apart
   auto step = [&](const typename W::Weight* wi, long stride, long i) __attribute__((always_inline)) {
-    __m256 xv[ROWS];
-#pragma GCC unroll 4
-    for (int r = 0; r < ROWS; ++r) xv[r] = _mm256_loadu_ps(x + r * in + i);
+    Vec xv[ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) xv[r] = load_x(x + r * in + i);
 #pragma GCC unroll 4
     for (int o = 0; o < OUTS; ++o) {
-      __m256 wv = W::load(wi + o * stride);
-#pragma GCC unroll 4
-      for (int r = 0; r < ROWS; ++r) acc[o][r] = _mm256_fmadd_ps(wv, xv[r], acc[o][r]);
+      Vec wv = W::load(wi + o * stride);
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) acc[o][r] = fmadd(wv, xv[r], acc[o][r]);
     }
   };
-  if constexpr (TILED) {
+  if constexpr (TILED) {  // `from` and `to` are multiples of BLOCK, and BLOCK of LANES
     constexpr long BLOCK = W::BLOCK;
-    for (long b = 0; b < in; b += BLOCK) {
+    for (long b = from; b < to; b += BLOCK) {
       const typename W::Weight* block = w + b * OUTS;
       const char* ahead = reinterpret_cast<const char*>(block) + PREFETCH_AHEAD;
 #pragma GCC unroll 8
       for (long line = 0; line < long(OUTS * BLOCK * sizeof(*block)); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
 #pragma GCC unroll 8
-      for (long k = 0; k < BLOCK; k += 8) step(block + k, BLOCK, b + k);  // constant offsets in a block
+      for (long k = 0; k < BLOCK; k += LANES) step(block + k, BLOCK, b + k);  // constant offsets in a block
     }
   } else {
-    for (long i = 0; i < in; i += 8) step(w + i, in, i);
+    long i = from;
+    for (; i + LANES <= to; i += LANES) step(w + i, in, i);
+    if (i < to) {  // AVX-512 only: the last 8 inputs, the other lanes zero
+      Vec xv[ROWS];
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) xv[r] = load_x_half(x + r * in + i);
+#pragma GCC unroll 4
+      for (int o = 0; o < OUTS; ++o) {
+        Vec wv = W::load_half(w + o * in + i);
+#pragma GCC unroll 8
+        for (int r = 0; r < ROWS; ++r) acc[o][r] = fmadd(wv, xv[r], acc[o][r]);
+      }
+    }
+  }
+  if (to < in) {
+#pragma GCC unroll 4
+    for (int o = 0; o < OUTS; ++o)
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) carry[o * ROWS + r] = acc[o][r];
+    return;
   }
 #pragma GCC unroll 4
   for (int o = 0; o < OUTS; ++o) {
     const float s = scale ? scale[o] : 1.0f;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) y[r * ldy + o] = horizontal_sum(acc[o][r]) * s;
   }
 }
 
-// Every input row against OUTS weight rows: groups of 3 rows, the last 4 as 2 + 2 (measured
-// faster than 3 + 1 at 4 rows).
-template <class W, int OUTS, bool TILED = false>
-inline void all_rows(const typename W::Weight* w, long in, const float* x, long rows, float* y, long ldy,
-                     const float* scale) {
-  long r = 0;
-  for (; rows - r >= 3 && rows - r != 4; r += 3)
-    tile<W, OUTS, 3, TILED>(w, in, x + r * in, y + r * ldy, ldy, scale);
-  for (; rows - r >= 2; r += 2) tile<W, OUTS, 2, TILED>(w, in, x + r * in, y + r * ldy, ldy, scale);
-  if (r < rows) tile<W, OUTS, 1, TILED>(w, in, x + r * in, y + r * ldy, ldy, scale);
+// How many rows the next group takes, of `left`: GROUP at a time; with AVX2's groups of 3, the
+// last 4 as 2 + 2 (measured faster than 3 + 1 at 4 rows).
+inline int group_size(long left) {
+  if (GROUP == 3 && left == 4) return 2;
+  return int(std::min<long>(left, GROUP));
 }
 
-// A tile's weights start at the same place in both layouts (4 outputs x `in` weights before it);
-// tiled weights have `out` a multiple of 4 and `in` of W::BLOCK (checked by the caller).
+// One group of `rows` input rows (1..GROUP) against OUTS weight rows, inputs [from, to).
+template <class W, int OUTS, bool TILED>
+inline void group(const typename W::Weight* w, long in, const float* x, int rows, float* y, long ldy,
+                  const float* scale, long from, long to, Vec* carry) {
+  switch (rows) {
+    case 1: return tile<W, OUTS, 1, TILED>(w, in, x, y, ldy, scale, from, to, carry);
+    case 2: return tile<W, OUTS, 2, TILED>(w, in, x, y, ldy, scale, from, to, carry);
+    case 3: return tile<W, OUTS, 3, TILED>(w, in, x, y, ldy, scale, from, to, carry);
+#if defined(MINICPM_AVX512)
+    case 4: return tile<W, OUTS, 4, TILED>(w, in, x, y, ldy, scale, from, to, carry);
+    case 5: return tile<W, OUTS, 5, TILED>(w, in, x, y, ldy, scale, from, to, carry);
+    case 6: return tile<W, OUTS, 6, TILED>(w, in, x, y, ldy, scale, from, to, carry);
+#endif
+  }
+}
+
+#ifndef MINICPM_BLOCK_BYTES
+#define MINICPM_BLOCK_BYTES (1L << 20)
+#endif
+#ifndef MINICPM_PIECE
+#define MINICPM_PIECE 1024
+#endif
+// Weights a thread keeps in its L2 cache while the row groups pass over them, once the inputs
+// are too many to stay in the cache themselves (a prompt); below that each tile takes every row
+// group in turn while its 4 weight rows sit in L1.
+constexpr long BLOCK_BYTES = MINICPM_BLOCK_BYTES;
+// With more rows than one group, inputs are taken PIECE at a time (a multiple of every BLOCK),
+// so that a group's piece of the inputs (6 rows: 24 KB) stays in L1 while the block's tiles
+// pass over it.
+constexpr long PIECE = MINICPM_PIECE;
+constexpr long MAX_BLOCK_TILES = 64;
+
+// Tiles [first, last) of 4 outputs each (the tail past `out` one output at a time), in blocks
+// of about BLOCK_BYTES; every row group passes over a block before the next block. A tile's
+// weights start at the same place in both layouts (4 outputs x `in` weights before it); tiled
+// weights have `out` a multiple of 4 and `in` of W::BLOCK (checked by the caller).
+template <class W, bool TILED>
+void tiles(const float* x, long rows, long in, const typename W::Weight* w, const float* scales, long out, float* y,
+           long ldy, long first, long last) {
+  const long tile_bytes = 4 * in * long(sizeof(typename W::Weight));
+  const bool inputs_fit = rows * in * long(sizeof(float)) <= BLOCK_BYTES;
+  const long per_block = inputs_fit ? 1 : std::clamp(BLOCK_BYTES / tile_bytes, 1L, MAX_BLOCK_TILES);
+  const long piece = (PIECE > 0 && rows > GROUP) ? PIECE : in;
+  alignas(64) Vec carry[MAX_BLOCK_TILES * 4 * GROUP];
+  for (long start = first; start < last; start += per_block) {
+    const long end = std::min(last, start + per_block);
+    for (long r = 0; r < rows;) {
+      const int n = group_size(rows - r);
+      for (long from = 0; from < in; from += piece) {
+        const long to = std::min(in, from + piece);
+        for (long t = start; t < end; ++t) {
+          const long o = t * 4;
+          Vec* kept = carry + (t - start) * 4 * GROUP;
+          if (o + 4 <= out) {
+            group<W, 4, TILED>(w + o * in, in, x + r * in, n, y + r * ldy + o, ldy, scales ? scales + o : nullptr,
+                               from, to, kept);
+          } else {  // the last outputs when `out` is not a multiple of 4 (MiniCPM's vocabulary: 122,753)
+            for (long k = o; k < out; ++k)
+              group<W, 1, false>(w + k * in, in, x + r * in, n, y + r * ldy + k, ldy, scales ? scales + k : nullptr,
+                                 from, to, kept + (k - o) * GROUP);
+          }
+        }
+      }
+      r += n;
+    }
+  }
+}
+
 template <class W, bool TILED>
 void product(const float* x, long rows, long in, const typename W::Weight* w, const float* scales, long out,
              float* y, long ldy, int threads) {
-  const long tiles = (out + 3) / 4;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (long t = 0; t < tiles; ++t) {
-    const long o = t * 4;
-    if (o + 4 <= out) {
-      all_rows<W, 4, TILED>(w + o * in, in, x, rows, y + o, ldy, scales ? scales + o : nullptr);
-    } else {  // the last outputs when `out` is not a multiple of 4 (MiniCPM's vocabulary: 122,753)
-      for (long k = o; k < out; ++k) all_rows<W, 1>(w + k * in, in, x, rows, y + k, ldy, scales ? scales + k : nullptr);
-    }
+  const long count = (out + 3) / 4;
+#pragma omp parallel num_threads(threads)
+  {
+    // contiguous ranges, as schedule(static) would give them
+    const long team = omp_get_num_threads(), me = omp_get_thread_num();
+    const long share = count / team, extra = count % team;
+    const long first = me * share + std::min(me, extra);
+    const long last = first + share + (me < extra ? 1 : 0);
+    tiles<W, TILED>(x, rows, in, w, scales, out, y, ldy, first, last);
   }
 }
 
@@ -140,7 +205,10 @@ void product(const float* x, long rows, long in, const typename W::Weight* w, co
 
 extern "C" {
 
-int minicpm_products_version() { return 5; }
+int minicpm_products_version() { return 6; }
+
+// 8 (AVX2) or 16 (AVX-512): which build this is.
+long minicpm_lanes() { return LANES; }
 
 // The block of the tiled layout for bfloat16 and int8 weights (kernels/__init__.py checks it).
 long minicpm_tile_block_bf16() { return BFloat16::BLOCK; }

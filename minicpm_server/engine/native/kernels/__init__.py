@@ -30,7 +30,7 @@ Many rows (a prompt): each thread walks its outputs in blocks of about 1 MB of w
 stay in its L2 cache while every group of rows passes, and the inputs in pieces of 1,024 with
 the partial sums kept whole between pieces (bit-identical to one pass). On AVX-512 CPUs a build
 with 16 lanes and 6-row groups replaces the AVX2 one: on a 2-core Xeon with AVX-512 (BENCHMARKS.md,
-"An AVX-512 CPU"), 1.25-1.6x the AVX2 build's speed from 16 rows up, level at one row (memory-bound).
+"An AVX-512 CPU"), 1.34-1.70x the AVX2 build's speed from 16 rows up, level at one row (memory-bound).
 
 Decode attention (attention.cpp): each row's one query per head against its visible tokens,
 read where they lie in the paged KV pool; the lean decoder used to gather every row's blocks

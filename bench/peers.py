@@ -516,16 +516,15 @@ def build_servers(args, model: Path, window: int, per_slot: int) -> dict[str, Ca
     makers: dict[str, Callable[[int], Server]] = {}
     venv_python = str(args.vllm_venv / "bin" / "python")
     _, outtype, kv_type = PRECISIONS[args.precision]
+    kv_gib = vllm_kv_space_gib(json.loads((model / "config.json").read_text()), 32, per_slot)
     for name in args.peers:
         if name in ("ours", "ours-1t", "ours-mixed", "ours-pytorch"):
             makers[name] = functools.partial(
                 our_server, name, args.ours_python, args.ours_engine, model, precision=args.precision
             )
         elif name == "ours+vllm":
-            kv_gib = vllm_kv_space_gib(json.loads((model / "config.json").read_text()), 32, per_slot)
             makers[name] = functools.partial(our_server, "ours+vllm", venv_python, "vllm", model, kv_gib=kv_gib)
         elif name in ("vllm", "vllm-ids"):
-            kv_gib = vllm_kv_space_gib(json.loads((model / "config.json").read_text()), 32, per_slot)
             makers[name] = functools.partial(vllm_server, name, args.vllm_venv, granite_dir_for(model), window, kv_gib)
         elif name in ("llama", "llama-1t"):
             ensure_llama_built()

@@ -73,7 +73,8 @@ def block_decode_layout(table: torch.Tensor, lengths: torch.Tensor, width: int, 
     keys = torch.arange(blocks * block_size, device=table.device)
     visible = keys[None, :] <= lengths[:, None]
     write = slot_ids(table, lengths[:, None], block_size)[:, 0]
-    return BlockDecodeLayout(write, table[:, :blocks], visible[:, None, None, :], lengths + 1)
+    # contiguous once per step: every layer's attention (or gather) reads it
+    return BlockDecodeLayout(write, table[:, :blocks].contiguous(), visible[:, None, None, :], lengths + 1)
 
 
 def prefill_layout(table: torch.Tensor, cached: torch.Tensor, new: torch.Tensor, block_size: int) -> StepLayout:

@@ -332,14 +332,16 @@ class CpuProducts:
         head_dim], float32 or bfloat16); scores times `scale`, a softmax, the values' weighted sum."""
         rows, q_heads, dim = q.shape
         kv_heads = keys.shape[1]
-        if not self.attention_supports(keys, dim) or values.shape != keys.shape or values.dtype != keys.dtype:
+        if (
+            not (self.attention_supports(keys, dim) and self.attention_supports(values, dim))
+            or values.shape != keys.shape
+        ):
             raise ValueError("this KV pool is not a layout the attention kernel reads")
         if q_heads % kv_heads or keys.shape[2] != dim or blocks.shape[0] != rows or visible.shape != (rows,):
             raise ValueError("queries, pool, block tables and lengths do not match")
         q = q.to(torch.float32).contiguous()
         blocks = blocks.to(torch.int64).contiguous()
         visible = visible.to(torch.int64).contiguous()
-        values = values.contiguous()
         out = torch.empty((rows, q_heads, dim), dtype=torch.float32)
         self._attention(
             q.data_ptr(), rows, q_heads, kv_heads, dim, keys.data_ptr(), values.data_ptr(),

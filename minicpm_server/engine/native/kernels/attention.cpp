@@ -29,12 +29,11 @@ using namespace minicpm;
 constexpr long MAX_DIM = 256;
 constexpr long MAX_VECS = MAX_DIM / LANES + 1;
 
-template <class KV>
-inline Vec load_part(const typename KV::Weight* p, long i, long dim) {
-  return i + LANES <= dim ? KV::load(p + i) : KV::load_half(p + i);
+// LANES values at i of a head's `dim`, or the last 8 (AVX-512, dim an odd multiple of 8).
+template <class T>
+inline Vec load_part(const typename T::Weight* p, long i, long dim) {
+  return i + LANES <= dim ? T::load(p + i) : T::load_half(p + i);
 }
-
-inline Vec load_query(const float* p, long i, long dim) { return i + LANES <= dim ? load_x(p + i) : load_x_half(p + i); }
 
 template <class KV>
 void attend(const float* q, long rows, long q_heads, long kv_heads, long dim, const typename KV::Weight* keys,
@@ -55,7 +54,7 @@ void attend(const float* q, long rows, long q_heads, long kv_heads, long dim, co
         const long head = h * group + g;
         const float* query = q + (r * q_heads + head) * dim;
         Vec qv[MAX_VECS];
-        for (long v = 0; v < vecs; ++v) qv[v] = load_query(query, v * LANES, dim);
+        for (long v = 0; v < vecs; ++v) qv[v] = load_part<Float32>(query, v * LANES, dim);
         float highest = -INFINITY;
         for (long t = 0; t < count; ++t) {
           const long slot = table[t / block_size] * block_size + t % block_size;

@@ -63,7 +63,7 @@ inline __attribute__((always_inline)) void tile(const typename W::Weight* w, lon
   auto step = [&](const typename W::Weight* wi, long stride, long i) __attribute__((always_inline)) {
     Vec xv[ROWS];
 #pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) xv[r] = load_x(x + r * in + i);
+    for (int r = 0; r < ROWS; ++r) xv[r] = Float32::load(x + r * in + i);
 #pragma GCC unroll 4
     for (int o = 0; o < OUTS; ++o) {
       Vec wv = W::load(wi + o * stride);
@@ -98,7 +98,7 @@ inline __attribute__((always_inline)) void tile(const typename W::Weight* w, lon
     if (i < to) {  // AVX-512 only: the last 8 inputs, the other lanes zero
       Vec xv[ROWS];
 #pragma GCC unroll 8
-      for (int r = 0; r < ROWS; ++r) xv[r] = load_x_half(x + r * in + i);
+      for (int r = 0; r < ROWS; ++r) xv[r] = Float32::load_half(x + r * in + i);
 #pragma GCC unroll 4
       for (int o = 0; o < OUTS; ++o) {
         Vec wv = W::load_half(w + o * in + i);

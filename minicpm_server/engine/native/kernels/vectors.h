@@ -15,8 +15,6 @@ constexpr long LANES = 16;
 constexpr int GROUP = 6;  // rows per group
 inline Vec zero() { return _mm512_setzero_ps(); }
 inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec load_x(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec load_x_half(const float* p) { return _mm512_maskz_loadu_ps(0x00FF, p); }
 inline float horizontal_sum(Vec v) { return _mm512_reduce_add_ps(v); }
 inline Vec set1(float v) { return _mm512_set1_ps(v); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
@@ -33,8 +31,6 @@ constexpr long LANES = 8;
 constexpr int GROUP = 3;
 inline Vec zero() { return _mm256_setzero_ps(); }
 inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec load_x(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec load_x_half(const float* p) { return _mm256_loadu_ps(p); }  // never called: 8 lanes have no half step
 inline float horizontal_sum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -46,8 +42,9 @@ inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline void store_part(float* p, Vec v, long) { _mm256_storeu_ps(p, v); }
 #endif
 
-// Each weight type: LANES weights widened to float32 (load), and, for AVX-512, the first 8 of
-// them with the rest zero (load_half: a row's last 8 weights, nothing read past them).
+// Each weight type (and Float32 for inputs and queries too): LANES values widened to float32
+// (load), and, for AVX-512, the first 8 of them with the rest zero (load_half: a row's last 8,
+// nothing read past them).
 struct Float32 {
   using Weight = float;
   static constexpr long BLOCK = 16;
